@@ -1,0 +1,571 @@
+"""Typed run configuration: dataclass sections, YAML loading, dotted overrides, validation.
+
+`load_config(path, overrides)` is the one edge where user input becomes a `RunConfig`:
+YAML (optional) is merged with `section.key=value` overrides, every key is checked against
+the dataclass fields (unknown ones are refused with the closest valid key), every value is
+converted to its field's type, and the whole config is validated once. Everything after this
+point trusts the config. Errors are `ConfigError`s that name the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from mlra_mega.errors import ConfigError
+
+__all__ = [
+    "ConfigError",
+    "MLRAConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "ZeroConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "DataConfig",
+    "MetricsConfig",
+    "EvalConfig",
+    "CheckpointConfig",
+    "TrackingConfig",
+    "RunSection",
+    "RunConfig",
+    "load_config",
+    "from_dict",
+    "to_dict",
+    "flatten",
+]
+
+MLRA_PROJECTIONS = ("q", "k", "v", "o")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class MLRAConfig:
+    """Multi-head Low-Rank Attention: W_h = A_h B_h for each factorized projection."""
+
+    rank: int | None = None  # None: d_head
+    factorize: list[str] = field(default_factory=lambda: ["q", "k", "v"])
+
+    def validate(self, prefix: str = "model.mlra") -> None:
+        if self.rank is not None and self.rank < 1:
+            raise ConfigError(f"{prefix}.rank", f"must be >= 1, got {self.rank}",
+                              "use a positive rank, or null for d_head")
+        if not self.factorize:
+            raise ConfigError(f"{prefix}.factorize", "is empty",
+                              "list at least one of q, k, v, o")
+        for name in self.factorize:
+            if name not in MLRA_PROJECTIONS:
+                raise ConfigError(f"{prefix}.factorize", f"unknown projection {name!r}",
+                                  f"use a subset of {list(MLRA_PROJECTIONS)}{_did_you_mean(name, MLRA_PROJECTIONS)}")
+        if len(set(self.factorize)) != len(self.factorize):
+            raise ConfigError(f"{prefix}.factorize", f"lists a projection twice: {self.factorize}",
+                              "name each of q, k, v, o at most once")
+
+
+@dataclass
+class ModelConfig:
+    """GPT-2 style Pre-LN decoder; `attention` and `embedding` pick the paper's variant."""
+
+    num_layers: int = 12
+    hidden_size: int = 768
+    num_heads: int = 12
+    ffn_hidden_size: int | None = None  # None: 4 * hidden_size
+    vocab_size: int | None = None  # None: taken from the tokenizer card
+    vocab_multiple: int = 128
+    seq_length: int = 1024
+    max_position_embeddings: int | None = None  # None: seq_length
+    attention: Literal["mha", "mlra"] = "mha"
+    embedding: Literal["vanilla", "scaled", "layernorm"] = "vanilla"
+    mlra: MLRAConfig = field(default_factory=MLRAConfig)
+    init_std: float = 0.02
+    qkv_init_std: float | None = None  # None: init_std
+    scale_residual_init: bool = True  # output projections of residual branches * 1/sqrt(2L)
+    tie_embeddings: bool = True
+    layernorm_eps: float = 1e-5
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    attention_backend: Literal["auto", "local", "sdpa", "te"] = "auto"
+    fusions: Literal["auto", "off"] = "auto"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_position_embeddings or self.seq_length
+
+    @property
+    def mlra_rank(self) -> int:
+        return self.mlra.rank or self.head_dim
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """ceil(V / m) * m: independent of TP, so every TP size computes the same function."""
+        if self.vocab_size is None:
+            raise ConfigError("model.vocab_size", "is not set",
+                              "set model.vocab_size or give a tokenizer whose card has it")
+        return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
+
+    def validate(self, prefix: str = "model") -> None:
+        for name in ("num_layers", "hidden_size", "num_heads", "vocab_multiple", "seq_length"):
+            _require_positive(f"{prefix}.{name}", getattr(self, name))
+        for name in ("ffn_hidden_size", "vocab_size", "max_position_embeddings"):
+            if getattr(self, name) is not None:
+                _require_positive(f"{prefix}.{name}", getattr(self, name))
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"{prefix}.num_heads",
+                              f"{self.num_heads} heads do not divide hidden_size {self.hidden_size}",
+                              "choose num_heads dividing hidden_size (e.g. hidden 768 with 12 heads)")
+        if self.max_positions < self.seq_length:
+            raise ConfigError(f"{prefix}.max_position_embeddings",
+                              f"{self.max_positions} is shorter than seq_length {self.seq_length}",
+                              "set max_position_embeddings >= seq_length, or leave it null")
+        for name in ("init_std", "layernorm_eps"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{prefix}.{name}", f"must be > 0, got {getattr(self, name)}",
+                                  "use a small positive number")
+        if self.qkv_init_std is not None and not self.qkv_init_std > 0:
+            raise ConfigError(f"{prefix}.qkv_init_std", f"must be > 0, got {self.qkv_init_std}",
+                              "use a small positive number, or null for init_std")
+        for name in ("hidden_dropout", "attention_dropout"):
+            p = getattr(self, name)
+            if not 0.0 <= p < 1.0:
+                raise ConfigError(f"{prefix}.{name}", f"must be in [0, 1), got {p}",
+                                  "use a probability such as 0.1, or 0 for none")
+        self.mlra.validate(f"{prefix}.mlra")
+
+
+@dataclass
+class ParallelConfig:
+    """Tensor parallelism inside a node; data parallelism is world size / tensor."""
+
+    tensor: int = 1
+    sequence_parallel: bool = False
+
+    def validate(self, prefix: str = "parallel") -> None:
+        _require_positive(f"{prefix}.tensor", self.tensor)
+        if self.sequence_parallel and self.tensor == 1:
+            raise ConfigError(f"{prefix}.sequence_parallel", "needs tensor parallelism (parallel.tensor is 1)",
+                              "set parallel.tensor >= 2 or parallel.sequence_parallel=false")
+
+
+@dataclass
+class ZeroConfig:
+    """DeepSpeed ZeRO over the data-parallel group; `template` is a ds_configs/ JSON."""
+
+    stage: int = 1
+    template: str | None = None
+
+    def validate(self, prefix: str = "zero") -> None:
+        if self.stage not in (0, 1, 2, 3):
+            raise ConfigError(f"{prefix}.stage", f"must be 0, 1, 2 or 3, got {self.stage}",
+                              "pick a ZeRO stage from 0 to 3")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warm-up and a decay schedule, gradient clipping by global norm."""
+
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    clip_grad: float = 1.0  # 0: no clipping
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+
+    def validate(self, prefix: str = "optim") -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"{prefix}.lr", f"must be > 0, got {self.lr}", "use e.g. 3e-4")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"{prefix}.min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}",
+                              "use a value between 0 and optim.lr")
+        for i, b in enumerate(self.betas):
+            if not 0 <= b < 1:
+                raise ConfigError(f"{prefix}.betas", f"beta{i + 1} must be in [0, 1), got {b}",
+                                  "use e.g. [0.9, 0.95]")
+        for name in ("weight_decay", "clip_grad", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}",
+                                  "use 0 to turn it off")
+
+
+@dataclass
+class TrainConfig:
+    """Length, batch sizes, seed and numerics of the run."""
+
+    steps: int = 100
+    global_batch_size: int = 8
+    micro_batch_size: int = 8
+    seed: int = 1234
+    precision: Literal["fp32", "bf16"] = "fp32"
+    activation_checkpointing: bool = False
+    log_interval: int = 1
+
+    def validate(self, prefix: str = "train") -> None:
+        for name in ("steps", "global_batch_size", "micro_batch_size", "log_interval"):
+            _require_positive(f"{prefix}.{name}", getattr(self, name))
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(f"{prefix}.global_batch_size",
+                              f"{self.global_batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}",
+                              "make global_batch_size = micro_batch_size * data-parallel size * accumulation steps")
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from (the data pipeline adds its fields here)."""
+
+    tokenizer: str | None = None
+    seed: int | None = None  # None: train.seed
+
+
+@dataclass
+class MetricsConfig:
+    """Per-step statistics: TEV every `tev_interval` steps (0 = off), MFU against a peak."""
+
+    tev_interval: int = 1
+    peak_tflops: float | None = None
+
+    def validate(self, prefix: str = "metrics") -> None:
+        if self.tev_interval < 0:
+            raise ConfigError(f"{prefix}.tev_interval", f"must be >= 0, got {self.tev_interval}",
+                              "use 0 to turn TEV off, or N to record it every N steps")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ConfigError(f"{prefix}.peak_tflops", f"must be > 0, got {self.peak_tflops}",
+                              "give the accelerator's peak TFLOP/s, or null")
+
+
+@dataclass
+class EvalConfig:
+    """Validation every `interval` steps (0 = off) over `iters` batches."""
+
+    interval: int = 0
+    iters: int = 10
+
+    def validate(self, prefix: str = "eval") -> None:
+        if self.interval < 0:
+            raise ConfigError(f"{prefix}.interval", f"must be >= 0, got {self.interval}", "use 0 to turn it off")
+        _require_positive(f"{prefix}.iters", self.iters)
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoint every `interval` steps (0 = only at the end), keeping the last `keep`."""
+
+    interval: int = 0
+    keep: int = 2
+
+    def validate(self, prefix: str = "checkpoint") -> None:
+        if self.interval < 0:
+            raise ConfigError(f"{prefix}.interval", f"must be >= 0, got {self.interval}", "use 0 for the end only")
+        _require_positive(f"{prefix}.keep", self.keep)
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow: the embedded store under the runs root unless `uri` names a server."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "default"
+
+
+@dataclass
+class RunSection:
+    """Where the run's files go: `dir`, or `<root>/<experiment>/<name>`."""
+
+    root: str = "runs"
+    name: str | None = None  # None: a timestamp
+    dir: str | None = None
+
+
+@dataclass
+class RunConfig:
+    """The whole configuration of one run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunSection = field(default_factory=RunSection)
+
+    def validate(self) -> None:
+        """Checks each section, then what needs two sections (sizes against parallelism)."""
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate(f.name)
+        tp = self.parallel.tensor
+        if self.model.num_heads % tp:
+            raise ConfigError("parallel.tensor",
+                              f"{tp} does not divide model.num_heads {self.model.num_heads}",
+                              "choose a tensor-parallel size that divides the number of heads")
+        if self.model.vocab_size is not None and self.model.padded_vocab_size % tp:
+            raise ConfigError("parallel.tensor",
+                              f"{tp} does not divide the padded vocabulary {self.model.padded_vocab_size}",
+                              "choose model.vocab_multiple as a multiple of parallel.tensor")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """YAML file (or defaults) + `a.b=value` overrides -> a validated RunConfig."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(Path(path))
+    for item in overrides:
+        key, value = _split_override(item)
+        _set_dotted(data, key, value)
+    cfg = from_dict(RunConfig, data)
+    cfg.validate()
+    return cfg
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Builds dataclass `cls` from a mapping, converting and checking every key on the way."""
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(where, f"expected a mapping of keys, got {type(data).__name__} {data!r}",
+                          f"write {where} as `key: value` lines")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        key = str(key)
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key}", "unknown key",
+                              _closest_key_hint(key, list(fields), prefix) or f"valid keys: {sorted(fields)}")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, YAML-safe mapping (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(cfg)
+
+
+def flatten(cfg: Any) -> dict[str, Any]:
+    """`{"model.hidden_size": 768, ...}`: the dotted keys the overrides use."""
+    out: dict[str, Any] = {}
+
+    def walk(value: Any, prefix: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix.rstrip(".")] = value
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError("config", f"file {str(path)!r} not found", "pass the path of an existing YAML file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError("config", f"{path} is not valid YAML{at}: {getattr(exc, 'problem', exc)}",
+                          "fix the YAML syntax there") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path} holds a {type(data).__name__}, not a mapping of sections",
+                          "write sections such as `model:` and `train:` at the top level")
+    return data
+
+
+def _split_override(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError("override", f"{item!r} is not of the form section.key=value",
+                          "write overrides like model.hidden_size=512")
+    return key, value
+
+
+def _set_dotted(data: dict[str, Any], key: str, raw: str) -> None:
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(parts[: i + 1]), f"is a value, not a section, so {key!r} cannot be set",
+                              "check the dotted key")
+        node = child
+    # Kept as text: the field's type decides how it is parsed (a str field stays "007").
+    node[parts[-1]] = _OverrideText(raw)
+
+
+class _OverrideText(str):
+    """A value from the command line, still text; parsed once its field's type is known."""
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+_NONE = {"null", "none", "~", ""}
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+
+    if origin in (Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        if value is None or (isinstance(value, _OverrideText) and value.strip().lower() in _NONE):
+            return None
+        if len(non_none) == 1:
+            return _coerce(value, non_none[0], name)
+        raise TypeError(f"unsupported union type for {name}: {hint}")  # a bug in our dataclasses
+
+    if origin is Literal:
+        text = str(value).strip() if isinstance(value, _OverrideText) else value
+        if text not in args:
+            raise ConfigError(name, f"{text!r} is not one of {list(args)}",
+                              f"use one of {list(args)}{_did_you_mean(str(text), [str(a) for a in args])}")
+        return text
+
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, f"{name}.")
+
+    if origin in (list, tuple):
+        items = value
+        if isinstance(value, _OverrideText):
+            items = _parse_list_text(value)
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(name, f"expected a list, got {items!r}", "write it as [a, b] or a,b")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(items) != len(args):
+                raise ConfigError(name, f"expected {len(args)} values, got {len(items)}: {list(items)}",
+                                  f"give exactly {len(args)} values")
+            return tuple(_coerce(_text_if(v, value), a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(items, args)))
+        item_type = args[0] if args else Any
+        out = [_coerce(_text_if(v, value), item_type, f"{name}[{i}]") for i, v in enumerate(items)]
+        return tuple(out) if origin is tuple else out
+
+    if hint is Any:
+        return value
+    if isinstance(value, dict):
+        raise ConfigError(name, f"is a value, not a section, but got keys {sorted(value)}",
+                          f"set it directly, as {name}=VALUE")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ConfigError(name, f"expected true or false, got {value!r}", "write true or false")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(name, f"expected an integer, got {value!r}", "write a whole number")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(name, f"expected an integer, got {value!r}", "write a whole number such as 8")
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(name, f"expected a number, got {value!r}", "write a number such as 3e-4")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(name, f"expected a number, got {value!r}", "write a number such as 3e-4")
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(name, f"expected text, got {type(value).__name__} {value!r}", "write a single value")
+        return str(value)
+    raise TypeError(f"unsupported field type for {name}: {hint}")  # a bug in our dataclasses
+
+
+def _text_if(item: Any, container: Any) -> Any:
+    """Items of a list given on the command line stay text, to be parsed by their own type."""
+    return _OverrideText(item) if isinstance(container, _OverrideText) else item
+
+
+def _parse_list_text(text: str) -> list[str]:
+    body = text.strip()
+    if body.startswith("[") and body.endswith("]"):
+        body = body[1:-1]
+    return [part.strip().strip("'\"") for part in body.split(",") if part.strip()]
+
+
+def _require_positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(name, f"must be >= 1, got {value}", "use a positive whole number")
+
+
+def _did_you_mean(word: str, options: typing.Iterable[str]) -> str:
+    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _all_dotted_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(_all_dotted_keys(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _closest_key_hint(key: str, siblings: list[str], prefix: str) -> str | None:
+    match = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
+    if match:
+        return f"did you mean '{prefix}{match[0]}'?"
+    # A key put in the wrong section: look through every dotted key for its leaf name.
+    full = _all_dotted_keys()
+    leaf_matches = [k for k in full if k.rsplit(".", 1)[-1] == key]
+    if leaf_matches:
+        return f"did you mean {leaf_matches[0]!r}?"
+    match = difflib.get_close_matches(f"{prefix}{key}", full, n=1, cutoff=0.6)
+    if match:
+        return f"did you mean {match[0]!r}?"
+    return None

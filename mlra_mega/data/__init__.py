@@ -1,0 +1,1 @@
+"""Tokenizers, indexed datasets and the embedded sample corpus."""

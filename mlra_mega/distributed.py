@@ -1,0 +1,147 @@
+"""Process group and megatron parallel state: set up in one place, torn down in one place.
+
+Rank and world come from the launcher's environment (torchrun and the deepspeed launcher set
+RANK / WORLD_SIZE / LOCAL_RANK, srun sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID); a plain
+`python` process is a world of one. The backend is nccl where CUDA is available and gloo
+elsewhere, where `cpu.apply()` adapts megatron-core first. Data-parallel size = world / TP.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mlra_mega import cpu
+from mlra_mega.config import ParallelConfig
+from mlra_mega.errors import ConfigError
+
+__all__ = ["ParallelContext", "LaunchEnv", "launch_env", "setup", "teardown", "seed_everything"]
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits in the job, as its launcher described it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str  # "torchrun" | "slurm" | "single"
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """This process's place in the TP x DP layout."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    tp_size: int
+    tp_rank: int
+    dp_size: int
+    dp_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
+    """Reads rank / world / local rank from torchrun-style or Slurm variables."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                         int(env.get("SLURM_LOCALID", 0)), "slurm")
+    return LaunchEnv(0, 1, 0, "single")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init_process_group(env: LaunchEnv, backend: str, timeout_s: float) -> None:
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if env.launcher == "single":
+        # A world of one needs a store too; a private port keeps parallel runs apart.
+        init = f"tcp://127.0.0.1:{_free_port()}"
+        dist.init_process_group(backend, init_method=init, rank=0, world_size=1, timeout=timeout)
+        return
+    if env.launcher == "slurm":
+        os.environ.setdefault("RANK", str(env.rank))
+        os.environ.setdefault("WORLD_SIZE", str(env.world_size))
+        os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            raise ConfigError("launcher", "srun started this process but MASTER_ADDR / MASTER_PORT are unset",
+                              "export them in the batch script (the slurm/ templates do)")
+    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy and torch (CPU and, where present, CUDA) from one seed."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup(parallel: ParallelConfig, seed: int, *, timeout_s: float = 600.0) -> ParallelContext:
+    """Initialises torch.distributed (unless already done), megatron parallel state and seeds."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        cpu.apply()
+    backend = "nccl" if use_cuda else "gloo"
+
+    env = launch_env()
+    if dist.is_initialized():
+        env = LaunchEnv(dist.get_rank(), dist.get_world_size(), env.local_rank, env.launcher)
+    if env.world_size % parallel.tensor:
+        raise ConfigError("parallel.tensor",
+                          f"{parallel.tensor} does not divide the world size {env.world_size}",
+                          "launch a multiple of parallel.tensor processes, or change parallel.tensor")
+    if use_cuda:
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    if not dist.is_initialized():
+        _init_process_group(env, backend, timeout_s)
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=parallel.tensor)
+
+    seed_everything(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+    return ParallelContext(
+        rank=env.rank,
+        world_size=env.world_size,
+        local_rank=env.local_rank,
+        tp_size=parallel_state.get_tensor_model_parallel_world_size(),
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        device=torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu"),
+        backend=backend,
+    )
+
+
+def teardown(keep_process_group: bool = False) -> None:
+    """Destroys megatron parallel state and (unless kept) the process group."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if not keep_process_group and dist.is_initialized():
+        dist.destroy_process_group()

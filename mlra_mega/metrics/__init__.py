@@ -1,0 +1,1 @@
+"""Per-step statistics: TEV, stability probes, throughput."""

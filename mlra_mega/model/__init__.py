@@ -1,0 +1,1 @@
+"""The GPT model on megatron-core: attention and embedding variants, conversion, export."""

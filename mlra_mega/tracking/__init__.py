@@ -1,0 +1,1 @@
+"""Experiment tracking (MLflow), imported only when tracking is on."""

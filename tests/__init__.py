@@ -1,0 +1,1 @@
+"""mlra_mega's test suite; mirrors the package layout."""

@@ -1,0 +1,131 @@
+"""Config loading: YAML, dotted overrides with type conversion, and every ConfigError case."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mlra_mega.config import ConfigError, ModelConfig, RunConfig, flatten, load_config, to_dict
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_validate() -> None:
+    cfg = load_config()
+    assert cfg == RunConfig()
+
+
+def test_yaml_then_overrides_win(tmp_path: Path) -> None:
+    path = write(tmp_path, "model:\n  hidden_size: 128\n  num_heads: 4\n  vocab_size: 1000\ntrain:\n  steps: 5\n")
+    cfg = load_config(path, ["train.steps=7", "model.mlra.rank=8", "optim.lr=1e-3"])
+    assert (cfg.model.hidden_size, cfg.model.num_heads, cfg.train.steps) == (128, 4, 7)
+    assert cfg.model.mlra.rank == 8 and cfg.optim.lr == 1e-3
+
+
+def test_override_types_are_converted() -> None:
+    cfg = load_config(None, [
+        "model.tie_embeddings=false", "model.hidden_dropout=0.1", "optim.betas=[0.8, 0.99]",
+        "model.mlra.factorize=q,k,v,o", "model.vocab_size=null", "run.name=007", "metrics.peak_tflops=989",
+        "model.attention=mlra",
+    ])
+    assert cfg.model.tie_embeddings is False
+    assert cfg.model.hidden_dropout == 0.1
+    assert cfg.optim.betas == (0.8, 0.99)
+    assert cfg.model.mlra.factorize == ["q", "k", "v", "o"]
+    assert cfg.model.vocab_size is None
+    assert cfg.run.name == "007"  # a str field keeps the text as written
+    assert cfg.metrics.peak_tflops == 989.0 and isinstance(cfg.metrics.peak_tflops, float)
+    assert cfg.model.attention == "mlra"
+
+
+def test_yaml_types_are_checked(tmp_path: Path) -> None:
+    path = write(tmp_path, "train:\n  steps: 2.0\noptim:\n  lr: 1\n")
+    cfg = load_config(path)
+    assert cfg.train.steps == 2 and isinstance(cfg.train.steps, int)
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+
+
+def test_derived_model_sizes() -> None:
+    m = ModelConfig(hidden_size=768, num_heads=12, vocab_size=50257, seq_length=256)
+    assert m.head_dim == 64 and m.mlra_rank == 64 and m.ffn_size == 3072 and m.max_positions == 256
+    assert m.padded_vocab_size == 50304  # ceil(50257 / 128) * 128
+
+
+def test_to_dict_and_flatten_round_trip(tmp_path: Path) -> None:
+    import yaml
+
+    cfg = load_config(None, ["model.num_layers=3", "optim.betas=[0.9,0.98]"])
+    path = write(tmp_path, yaml.safe_dump(to_dict(cfg)))
+    assert load_config(path) == cfg
+    flat = flatten(cfg)
+    assert flat["model.num_layers"] == 3 and flat["model.mlra.factorize"] == ["q", "k", "v"]
+    assert load_config(None, [f"{k}={v}" for k, v in flat.items() if k == "optim.betas"]).optim.betas == (0.9, 0.98)
+
+
+def test_quickstart_config_loads() -> None:
+    cfg = load_config(REPO / "configs" / "quickstart.yaml")
+    assert cfg.model.vocab_size is not None
+
+
+ERROR_CASES = [
+    # (overrides, field named, words in the message)
+    (["model.hiden_size=3"], "model.hiden_size", "did you mean 'model.hidden_size'"),
+    (["hidden_size=64"], "hidden_size", "did you mean 'model.hidden_size'"),
+    (["trian.steps=3"], "trian", "did you mean 'train'"),
+    (["model.mlra.rnak=3"], "model.mlra.rnak", "did you mean 'model.mlra.rank'"),
+    (["model.attention=mlr"], "model.attention", "did you mean 'mlra'"),
+    (["model.embedding=scale"], "model.embedding", "did you mean 'scaled'"),
+    (["model.num_heads=5"], "model.num_heads", "do not divide hidden_size"),
+    (["model.num_layers=0"], "model.num_layers", "must be >= 1"),
+    (["model.mlra.rank=0"], "model.mlra.rank", "must be >= 1"),
+    (["model.mlra.factorize=q,x"], "model.mlra.factorize", "unknown projection 'x'"),
+    (["model.mlra.factorize=q,q"], "model.mlra.factorize", "twice"),
+    (["model.mlra.factorize=[]"], "model.mlra.factorize", "is empty"),
+    (["model.hidden_dropout=1.5"], "model.hidden_dropout", "[0, 1)"),
+    (["model.init_std=0"], "model.init_std", "must be > 0"),
+    (["model.seq_length=64", "model.max_position_embeddings=32"], "model.max_position_embeddings", "shorter"),
+    (["train.steps=ten"], "train.steps", "expected an integer"),
+    (["train.steps=true"], "train.steps", "expected an integer"),
+    (["model.tie_embeddings=maybe"], "model.tie_embeddings", "expected true or false"),
+    (["optim.lr=fast"], "optim.lr", "expected a number"),
+    (["optim.betas=[0.9]"], "optim.betas", "expected 2 values"),
+    (["optim.betas=[0.9,1.2]"], "optim.betas", "beta2"),
+    (["train.global_batch_size=10", "train.micro_batch_size=4"], "train.global_batch_size", "not a multiple"),
+    (["zero.stage=4"], "zero.stage", "0, 1, 2 or 3"),
+    (["parallel.sequence_parallel=true"], "parallel.sequence_parallel", "needs tensor parallelism"),
+    (["parallel.tensor=5"], "parallel.tensor", "does not divide model.num_heads"),
+    (["model.vocab_size=1000", "model.vocab_multiple=6", "model.num_heads=4", "model.hidden_size=64",
+      "parallel.tensor=4"], "parallel.tensor", "padded vocabulary"),
+    (["metrics.tev_interval=-1"], "metrics.tev_interval", "must be >= 0"),
+    (["model=3"], "model", "expected a mapping"),
+    (["model.hidden_size.x=3"], "model.hidden_size", "not a section"),
+    (["steps"], "override", "section.key=value"),
+]
+
+
+@pytest.mark.parametrize("overrides,field,words", ERROR_CASES, ids=[c[0][-1] for c in ERROR_CASES])
+def test_config_errors_name_field_and_fix(overrides: list[str], field: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert info.value.field == field
+    assert words in str(info.value)
+    assert info.value.fix, "every ConfigError says how to fix it"
+    assert "\n" not in str(info.value)
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML at line 3"):
+        load_config(write(tmp_path, "model:\n  hidden_size: [1\n"))
+    with pytest.raises(ConfigError, match="not a mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(write(tmp_path, "model:\n  hidden: 3\n"))

@@ -1,0 +1,123 @@
+"""Canaries for each CPU shim: megatron-core's own call still fails without CUDA, ours works.
+
+When a canary's first half stops failing, megatron-core no longer needs that shim: remove it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from mlra_mega import cpu
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the shims are for machines without CUDA")
+
+CUDA_MISSING = (AssertionError, RuntimeError)
+
+
+@pytest.fixture
+def unpatched() -> Iterator[None]:
+    was = cpu.applied()
+    cpu.remove()
+    yield
+    cpu.remove()
+    if was:
+        cpu.apply()
+
+
+def seed_tracker() -> None:
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(123, tp_rank=1, ep_rank=0, etp_rank=0)
+
+
+def test_rng_tracker(unpatched: None) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    with pytest.raises(CUDA_MISSING, match="CUDA"):
+        seed_tracker()
+
+    cpu.apply(only=("rng_tracker",))
+    torch.manual_seed(5)
+    seed_tracker()
+    before = torch.rand(2)
+    with get_cuda_rng_tracker().fork():
+        inside = torch.rand(3)
+    after = torch.rand(2)
+    # The forked stream is the tensor-parallel seed's (123 + 2718 + tp_rank) ...
+    expected_inside = torch.rand(3, generator=torch.Generator().manual_seed(123 + 2718 + 1))
+    assert torch.equal(inside, expected_inside)
+    # ... and the default stream goes on as if the fork never happened.
+    torch.manual_seed(5)
+    assert torch.equal(torch.cat([before, after]), torch.rand(4))
+    # A second fork continues the tracked stream rather than restarting it.
+    with get_cuda_rng_tracker().fork():
+        again = torch.rand(3)
+    g = torch.Generator().manual_seed(123 + 2718 + 1)
+    torch.rand(3, generator=g)
+    assert torch.equal(again, torch.rand(3, generator=g))
+
+
+def test_rng_tracker_serves_activation_checkpointing(unpatched: None) -> None:
+    from megatron.core.tensor_parallel.random import _get_all_rng_states, _set_all_rng_states
+
+    seed = 11
+    cpu.apply(only=("rng_tracker",))
+    torch.manual_seed(seed)
+    seed_tracker()
+    states = _get_all_rng_states()
+    first = torch.rand(4)
+    _set_all_rng_states(*states)
+    assert torch.equal(torch.rand(4), first)  # recompute sees the same dropout masks
+
+
+def test_memory_buffer(unpatched: None) -> None:
+    from megatron.core.utils import GlobalMemoryBuffer
+
+    with pytest.raises(CUDA_MISSING, match="CUDA"):
+        GlobalMemoryBuffer().get_tensor((2, 3), torch.float32, "mpu")
+
+    cpu.apply(only=("memory_buffer",))
+    buf = GlobalMemoryBuffer()
+    t = buf.get_tensor((2, 3), torch.float32, "mpu")
+    assert t.device.type == "cpu" and t.shape == (2, 3)
+    small = buf.get_tensor((4,), torch.float32, "mpu")
+    assert small.data_ptr() == t.data_ptr()  # reused, as on GPU
+
+
+def causal_softmax(scores: torch.Tensor) -> torch.Tensor:
+    from megatron.core.fusions.fused_softmax import FusedScaleMaskSoftmax
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.utils import attention_mask_func
+
+    softmax = FusedScaleMaskSoftmax(
+        input_in_fp16=False, input_in_bf16=False, attn_mask_type=AttnMaskType.causal,
+        scaled_masked_softmax_fusion=False, mask_func=attention_mask_func, softmax_in_fp32=True, scale=None,
+    )
+    return softmax(scores, None)
+
+
+def test_causal_mask(unpatched: None) -> None:
+    scores = torch.randn(1, 2, 5, 5)
+    with pytest.raises(CUDA_MISSING, match="CUDA"):
+        causal_softmax(scores)
+
+    cpu.apply(only=("causal_mask",))
+    probs = causal_softmax(scores)
+    future = torch.triu(torch.ones(5, 5, dtype=torch.bool), diagonal=1)
+    expected = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+    torch.testing.assert_close(probs, expected)
+
+
+def test_apply_is_idempotent_and_remove_restores(unpatched: None) -> None:
+    from megatron.core.utils import GlobalMemoryBuffer
+
+    original = GlobalMemoryBuffer.get_tensor
+    cpu.apply()
+    patched = GlobalMemoryBuffer.get_tensor
+    cpu.apply()
+    assert GlobalMemoryBuffer.get_tensor is patched is not original
+    cpu.remove()
+    assert GlobalMemoryBuffer.get_tensor is original and not cpu.applied()
