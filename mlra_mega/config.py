@@ -38,6 +38,7 @@ __all__ = [
     "RunSection",
     "RunConfig",
     "load_config",
+    "check_tensor_parallel",
     "from_dict",
     "to_dict",
     "flatten",
@@ -317,15 +318,20 @@ class RunConfig:
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate(f.name)
-        tp = self.parallel.tensor
-        if self.model.num_heads % tp:
-            raise ConfigError("parallel.tensor",
-                              f"{tp} does not divide model.num_heads {self.model.num_heads}",
-                              "choose a tensor-parallel size that divides the number of heads")
-        if self.model.vocab_size is not None and self.model.padded_vocab_size % tp:
-            raise ConfigError("parallel.tensor",
-                              f"{tp} does not divide the padded vocabulary {self.model.padded_vocab_size}",
-                              "choose model.vocab_multiple as a multiple of parallel.tensor")
+        check_tensor_parallel(self.model, self.parallel.tensor)
+
+
+def check_tensor_parallel(model: ModelConfig, tp: int) -> None:
+    """TP must split heads and the padded vocabulary evenly."""
+    if tp < 1:
+        raise ConfigError("parallel.tensor", f"must be >= 1, got {tp}", "use a positive whole number")
+    if model.num_heads % tp:
+        raise ConfigError("parallel.tensor", f"{tp} does not divide model.num_heads {model.num_heads}",
+                          "choose a tensor-parallel size that divides the number of heads")
+    if model.vocab_size is not None and model.padded_vocab_size % tp:
+        raise ConfigError("parallel.tensor",
+                          f"{tp} does not divide the padded vocabulary {model.padded_vocab_size}",
+                          "choose model.vocab_multiple as a multiple of parallel.tensor")
 
 
 # --------------------------------------------------------------------------- loading

@@ -1,8 +1,9 @@
 """A megatron-core GPTModel from a `ModelConfig`, with its parameter count and FLOPs per token.
 
-GPT-2 choices are made here explicitly (Pre-LN, learned absolute positions, tanh GELU, biases,
-LayerNorm eps 1e-5, dropout as configured rather than megatron's 0.1 default). Fused kernels
-follow `model.fusions`: `auto` turns them on only where CUDA is available.
+GPT-2 choices are made here explicitly: Pre-LN, learned absolute positions, tanh GELU, biases,
+LayerNorm eps from the config (1e-5), dropout as configured rather than megatron's 0.1 default,
+N(0, init_std) weights with residual-branch output projections at init_std / sqrt(2L). Fused
+kernels follow `model.fusions`: `auto` turns them on only where CUDA is available.
 """
 
 from __future__ import annotations
@@ -12,31 +13,31 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from mlra_mega.config import ModelConfig
+from mlra_mega.config import ModelConfig, check_tensor_parallel
 from mlra_mega.errors import ConfigError
 
-__all__ = ["transformer_config", "build_model"]
+__all__ = ["transformer_config", "build_model", "count_parameters", "forward_flops_per_token",
+           "flops_per_token"]
 
-_FUSION_FLAGS = (
-    "bias_activation_fusion",
-    "masked_softmax_fusion",
-    "persist_layer_norm",
-    "bias_dropout_fusion",
-    "gradient_accumulation_fusion",
-    "apply_rope_fusion",
-)
+_FUSION_FLAGS = ("masked_softmax_fusion", "persist_layer_norm", "bias_dropout_fusion",
+                 "gradient_accumulation_fusion", "apply_rope_fusion")
 
 
-def _fusions_on(cfg: ModelConfig) -> bool:
-    return cfg.fusions == "auto" and torch.cuda.is_available()
+def _normal(std: float):
+    return lambda t: torch.nn.init.normal_(t, mean=0.0, std=std)
 
 
 def transformer_config(cfg: ModelConfig, *, tensor_parallel: int = 1, sequence_parallel: bool = False,
-                       params_dtype: torch.dtype = torch.float32):
+                       params_dtype: torch.dtype = torch.float32, bf16: bool = False,
+                       activation_checkpointing: bool = False):
     """megatron-core TransformerConfig for this model (fusions off on CPU)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    fused = _fusions_on(cfg)
+    fused = cfg.fusions == "auto" and torch.cuda.is_available()
+    residual_std = cfg.init_std / (2.0 * cfg.num_layers) ** 0.5 if cfg.scale_residual_init else cfg.init_std
+    extra = {}
+    if activation_checkpointing:
+        extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -49,34 +50,100 @@ def transformer_config(cfg: ModelConfig, *, tensor_parallel: int = 1, sequence_p
         add_bias_linear=True,
         activation_func=functools.partial(F.gelu, approximate="tanh"),
         init_method_std=cfg.init_std,
+        init_method=_normal(cfg.init_std),
+        output_layer_init_method=_normal(residual_std),
         tensor_model_parallel_size=tensor_parallel,
         sequence_parallel=sequence_parallel,
         # Full weights drawn on CPU from one generator, then split: the same model at every TP.
         use_cpu_initialization=True,
         params_dtype=params_dtype,
-        **{flag: fused for flag in _FUSION_FLAGS if flag != "bias_activation_fusion"},
-        # The fused bias-GELU kernel is erf GELU; GPT-2 is tanh, so it stays off.
+        bf16=bf16,
+        # The fused bias-GELU kernel is erf GELU; GPT-2's is tanh, so it stays off.
         bias_activation_fusion=False,
+        **{flag: fused for flag in _FUSION_FLAGS},
+        **extra,
     )
 
 
-def build_model(cfg: ModelConfig, *, tensor_parallel: int = 1, sequence_parallel: bool = False,
-                params_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A megatron-core GPTModel for this config, holding this TP rank's shards."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+def build_model(cfg: ModelConfig, *, tensor_parallel: int | None = None, sequence_parallel: bool = False,
+                params_dtype: torch.dtype = torch.float32, bf16: bool = False,
+                activation_checkpointing: bool = False) -> torch.nn.Module:
+    """A megatron-core GPTModel for this config, holding this TP rank's shards (on the CPU)."""
+    from megatron.core import parallel_state
 
-    if cfg.attention != "mha":
-        raise ConfigError("model.attention", f"{cfg.attention!r} is not built yet", "use model.attention=mha")
-    if cfg.embedding != "vanilla":
-        raise ConfigError("model.embedding", f"{cfg.embedding!r} is not built yet", "use model.embedding=vanilla")
+    from mlra_mega.model.embedding import GPTModelWithEmbedding
+    from mlra_mega.model.specs import layer_spec
+
+    cfg.validate()
+    if tensor_parallel is None:
+        tensor_parallel = parallel_state.get_tensor_model_parallel_world_size()
+    check_tensor_parallel(cfg, tensor_parallel)
+    if parallel_state.get_tensor_model_parallel_world_size() != tensor_parallel:
+        raise ConfigError("parallel.tensor",
+                          f"{tensor_parallel} differs from the initialised tensor-parallel size "
+                          f"{parallel_state.get_tensor_model_parallel_world_size()}",
+                          "build the model after distributed.setup with the same parallel.tensor")
     tcfg = transformer_config(cfg, tensor_parallel=tensor_parallel, sequence_parallel=sequence_parallel,
-                              params_dtype=params_dtype)
-    return GPTModel(
+                              params_dtype=params_dtype, bf16=bf16,
+                              activation_checkpointing=activation_checkpointing)
+    return GPTModelWithEmbedding(
         config=tcfg,
-        transformer_layer_spec=get_gpt_layer_local_spec(),
+        transformer_layer_spec=layer_spec(cfg),
         vocab_size=cfg.padded_vocab_size,
         max_sequence_length=cfg.max_positions,
         share_embeddings_and_output_weights=cfg.tie_embeddings,
         position_embedding_type="learned_absolute",
+        embedding=cfg.embedding,
     )
+
+
+def _attention_weights(cfg: ModelConfig) -> tuple[int, int]:
+    """(parameters, multiply-accumulates per token) of one layer's attention projections."""
+    d, h, dh, r = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.mlra_rank
+    params = macs = 0
+    for p in ("q", "k", "v"):
+        if cfg.attention == "mlra" and p in cfg.mlra.factorize:
+            macs += d * h * r + h * r * dh          # A (d x hr), then per-head B (r x dh)
+            params += d * h * r + h * r * dh + h * dh
+        else:
+            macs += d * d
+            params += d * d + d
+    if cfg.attention == "mlra" and "o" in cfg.mlra.factorize:
+        macs += h * dh * r + h * r * d              # per-head A^O (dh x r), then B^O (hr x d)
+        params += h * dh * r + h * r * d + d
+    else:
+        macs += d * d
+        params += d * d + d
+    return params, macs
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Parameters of the built model, padded vocabulary rows included, a tied matrix once."""
+    d, f, L = cfg.hidden_size, cfg.ffn_size, cfg.num_layers
+    attn, _ = _attention_weights(cfg)
+    per_layer = 2 * d + attn + 2 * d + (d * f + f) + (f * d + d)
+    total = cfg.padded_vocab_size * d + cfg.max_positions * d + L * per_layer + 2 * d
+    if cfg.embedding == "layernorm":
+        total += 2 * d
+    if not cfg.tie_embeddings:
+        total += cfg.padded_vocab_size * d
+    return total
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_length: int | None = None) -> int:
+    """Matmul FLOPs (2 per multiply-accumulate) of one forward pass, per token.
+
+    Counts every linear layer, the logits over the padded vocabulary, and attention scores and
+    values over the full s x s square, as megatron's kernels compute them (causal masking is
+    applied after the product, so no halving). Norms, GELU and softmax are left out.
+    """
+    s = seq_length or cfg.seq_length
+    d, f, L = cfg.hidden_size, cfg.ffn_size, cfg.num_layers
+    _, attn_macs = _attention_weights(cfg)
+    per_layer = attn_macs + 2 * s * d + 2 * d * f   # projections, QK^T and AV, MLP
+    return 2 * (L * per_layer + d * cfg.padded_vocab_size)
+
+
+def flops_per_token(cfg: ModelConfig, seq_length: int | None = None) -> int:
+    """Training FLOPs per token: forward plus a backward of twice its cost."""
+    return 3 * forward_flops_per_token(cfg, seq_length)

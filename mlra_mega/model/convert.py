@@ -1,0 +1,125 @@
+"""Full state dict <-> tensor-parallel shards, and MLRA -> MHA by composing the factors.
+
+Which tensors are split, and along which dimension, is read off the model itself: megatron
+marks every tensor-parallel parameter with `tensor_model_parallel` and `partition_dim` (and our
+MLRA factors are marked the same way). The marks do not depend on the TP size, so the layout
+of a TP=1 model describes every TP size. Every split is an even contiguous chunk: column-parallel
+weights are ordered head by head (megatron's QKV interleave, our A factors) or by vocabulary row.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from mlra_mega.config import ModelConfig
+
+__all__ = ["partition_dims", "shard_state_dict", "merge_shards", "load_shard", "gather_full",
+           "full_state_dict", "mlra_to_mha"]
+
+
+def partition_dims(model: torch.nn.Module) -> dict[str, int | None]:
+    """{parameter name: the dimension TP splits, or None where every rank holds it whole}."""
+    return {name: (int(p.partition_dim) if getattr(p, "tensor_model_parallel", False) else None)
+            for name, p in model.named_parameters()}
+
+
+def shard_state_dict(full: dict[str, Tensor], dims: dict[str, int | None], tp_size: int,
+                     tp_rank: int) -> dict[str, Tensor]:
+    """The tensors TP rank `tp_rank` of `tp_size` holds."""
+    missing = sorted(set(dims) - set(full))
+    if missing:
+        raise KeyError(f"full state dict lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    out = {}
+    for name, dim in dims.items():
+        t = full[name]
+        if dim is None:
+            out[name] = t.clone()
+        else:
+            if t.shape[dim] % tp_size:
+                raise ValueError(f"{name}: size {t.shape[dim]} along dim {dim} does not split over TP={tp_size}")
+            out[name] = t.chunk(tp_size, dim=dim)[tp_rank].clone()
+    return out
+
+
+def merge_shards(shards: list[dict[str, Tensor]], dims: dict[str, int | None]) -> dict[str, Tensor]:
+    """The full state dict from every TP rank's shard, in rank order."""
+    return {name: (shards[0][name].clone() if dim is None else torch.cat([s[name] for s in shards], dim=dim))
+            for name, dim in dims.items()}
+
+
+def load_shard(model: torch.nn.Module, shard: dict[str, Tensor]) -> None:
+    """Copies a shard into the model's parameters; the names must match exactly."""
+    params = dict(model.named_parameters())
+    missing, unexpected = sorted(set(params) - set(shard)), sorted(set(shard) - set(params))
+    if missing or unexpected:
+        raise KeyError(f"shard does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if p.shape != shard[name].shape:
+                raise ValueError(f"{name}: shard shape {tuple(shard[name].shape)} != model {tuple(p.shape)}")
+            p.copy_(shard[name])
+
+
+def gather_full(local: dict[str, Tensor], dims: dict[str, int | None],
+                group: dist.ProcessGroup | None = None) -> dict[str, Tensor]:
+    """All-gathers per-rank tensors (parameters or gradients) of one TP group into full ones."""
+    size = dist.get_world_size(group) if group is not None else 1
+    out = {}
+    for name, dim in dims.items():
+        t = local[name].detach().contiguous()
+        if dim is None or size == 1:
+            out[name] = t.clone()
+            continue
+        parts = [torch.empty_like(t) for _ in range(size)]
+        dist.all_gather(parts, t, group=group)
+        out[name] = torch.cat(parts, dim=dim)
+    return out
+
+
+def full_state_dict(model: torch.nn.Module, group: dist.ProcessGroup | None = None) -> dict[str, Tensor]:
+    """The whole model's parameters, gathered over its TP group (every rank gets them)."""
+    if group is None:
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            group = parallel_state.get_tensor_model_parallel_group()
+    return gather_full(dict(model.named_parameters()), partition_dims(model), group)
+
+
+def mlra_to_mha(full: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """The state dict of the MHA model computing the same function: W_h = A_h B_h per head.
+
+    Input: a full MLRA state dict (`cfg.attention == "mlra"`); output: the full state dict of
+    the same config with `attention = "mha"`, megatron's QKV layout (head by head: q, k, v).
+    """
+    h, dh, d, r = cfg.num_heads, cfg.head_dim, cfg.hidden_size, cfg.mlra_rank
+    factorized = [p for p in ("q", "k", "v") if p in cfg.mlra.factorize]
+    full_proj = [p for p in ("q", "k", "v") if p not in cfg.mlra.factorize]
+    prefixes = sorted({k.rsplit("self_attention.", 1)[0] + "self_attention." for k in full if "self_attention." in k})
+    out = {k: v for k, v in full.items() if "self_attention." not in k}
+    for pre in prefixes:
+        weights, biases = {}, {}
+        if factorized:
+            a = full[pre + "linear_a.weight"].view(h, len(factorized), r, d)        # rows: A^T per head
+            for i, p in enumerate(factorized):
+                b = full[pre + f"linear_b_{p}.weight"]                              # [h, r, dh]
+                weights[p] = torch.einsum("hro,hri->hoi", b, a[:, i])               # [h, dh, d] = (A B)^T
+                biases[p] = full[pre + f"linear_b_{p}.bias"]                        # [h, dh]
+        if full_proj:
+            w = full[pre + "linear_qkv.weight"].view(h, len(full_proj), dh, d)
+            bias = full[pre + "linear_qkv.bias"].view(h, len(full_proj), dh)
+            for i, p in enumerate(full_proj):
+                weights[p], biases[p] = w[:, i], bias[:, i]
+        out[pre + "linear_qkv.weight"] = torch.stack([weights[p] for p in "qkv"], dim=1).reshape(3 * d, d)
+        out[pre + "linear_qkv.bias"] = torch.stack([biases[p] for p in "qkv"], dim=1).reshape(3 * d)
+        if "o" in cfg.mlra.factorize:
+            a_o = full[pre + "linear_proj.linear_a.weight"]                         # [h, dh, r]
+            b_o = full[pre + "linear_proj.linear_b.weight"].view(d, h, r)           # [d, h, r]
+            out[pre + "linear_proj.weight"] = torch.einsum("dhr,hir->dhi", b_o, a_o).reshape(d, h * dh)
+            out[pre + "linear_proj.bias"] = full[pre + "linear_proj.linear_b.bias"]
+        else:
+            out[pre + "linear_proj.weight"] = full[pre + "linear_proj.weight"]
+            out[pre + "linear_proj.bias"] = full[pre + "linear_proj.bias"]
+    return out

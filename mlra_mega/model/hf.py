@@ -1,0 +1,98 @@
+"""Export to Hugging Face GPT-2 (`GPT2LMHeadModel`), computing our function on the real vocabulary.
+
+- MLRA exports exactly: each head's factors are composed (W_h = A_h B_h, `convert.mlra_to_mha`),
+  so a model trained with MLRA deploys as plain GPT-2.
+- Scaled Embed exports when embeddings are untied: sqrt(d) is folded into the token and position
+  embeddings (the scale multiplies their sum). Tied, the same matrix is also the output head, so
+  the fold would change the logits: refused.
+- Embed LN has no GPT-2 counterpart: refused.
+- Padded vocabulary rows are dropped. TP > 1 models are gathered over their TP group first.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from mlra_mega.config import ModelConfig
+from mlra_mega.errors import ConfigError
+from mlra_mega.model.convert import full_state_dict, mlra_to_mha
+
+__all__ = ["check_exportable", "hf_config", "hf_state_dict", "to_hf"]
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+    if cfg.embedding == "layernorm":
+        raise ConfigError("model.embedding", "Embed LN (a LayerNorm on the embedding output) has no GPT-2 "
+                          "counterpart, so it cannot be exported to Hugging Face GPT-2",
+                          "export vanilla, scaled (untied) or MLRA models")
+    if cfg.embedding == "scaled" and cfg.tie_embeddings:
+        raise ConfigError("model.embedding", "Scaled Embed with tied embeddings cannot be exported to GPT-2: "
+                          "folding sqrt(d) into the shared matrix would also scale the logits",
+                          "train Scaled Embed with model.tie_embeddings=false to export it")
+
+
+def hf_config(cfg: ModelConfig):
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.max_positions, n_embd=cfg.hidden_size,
+        n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.ffn_size, activation_function="gelu_new",
+        resid_pdrop=cfg.hidden_dropout, embd_pdrop=cfg.hidden_dropout, attn_pdrop=cfg.attention_dropout,
+        layer_norm_epsilon=cfg.layernorm_eps, initializer_range=cfg.init_std, scale_attn_weights=True,
+        tie_word_embeddings=cfg.tie_embeddings, bos_token_id=None, eos_token_id=None,
+    )
+
+
+def hf_state_dict(full: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """GPT2LMHeadModel tensors from our full (gathered, unpadded-or-padded) state dict."""
+    check_exportable(cfg)
+    if cfg.attention == "mlra":
+        full = mlra_to_mha(full, cfg)
+    d, h, dh, V = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.vocab_size
+    scale = math.sqrt(d) if cfg.embedding == "scaled" else 1.0
+    out = {
+        "transformer.wte.weight": full["embedding.word_embeddings.weight"][:V] * scale,
+        "transformer.wpe.weight": full["embedding.position_embeddings.weight"] * scale,
+        "transformer.ln_f.weight": full["decoder.final_layernorm.weight"],
+        "transformer.ln_f.bias": full["decoder.final_layernorm.bias"],
+    }
+    for i in range(cfg.num_layers):
+        src, dst = f"decoder.layers.{i}.", f"transformer.h.{i}."
+        # megatron: rows head by head (q_h, k_h, v_h); GPT-2's Conv1D: [in, out] with all q, all k, all v.
+        qkv_w = full[src + "self_attention.linear_qkv.weight"].view(h, 3, dh, d).transpose(0, 1).reshape(3 * d, d)
+        qkv_b = full[src + "self_attention.linear_qkv.bias"].view(h, 3, dh).transpose(0, 1).reshape(3 * d)
+        out.update({
+            dst + "ln_1.weight": full[src + "input_layernorm.weight"],
+            dst + "ln_1.bias": full[src + "input_layernorm.bias"],
+            dst + "attn.c_attn.weight": qkv_w.t(),
+            dst + "attn.c_attn.bias": qkv_b,
+            dst + "attn.c_proj.weight": full[src + "self_attention.linear_proj.weight"].t(),
+            dst + "attn.c_proj.bias": full[src + "self_attention.linear_proj.bias"],
+            dst + "ln_2.weight": full[src + "pre_mlp_layernorm.weight"],
+            dst + "ln_2.bias": full[src + "pre_mlp_layernorm.bias"],
+            dst + "mlp.c_fc.weight": full[src + "mlp.linear_fc1.weight"].t(),
+            dst + "mlp.c_fc.bias": full[src + "mlp.linear_fc1.bias"],
+            dst + "mlp.c_proj.weight": full[src + "mlp.linear_fc2.weight"].t(),
+            dst + "mlp.c_proj.bias": full[src + "mlp.linear_fc2.bias"],
+        })
+    out["lm_head.weight"] = (out["transformer.wte.weight"] if cfg.tie_embeddings
+                             else full["output_layer.weight"][:V])
+    return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
+
+
+def to_hf(model: torch.nn.Module, cfg: ModelConfig):
+    """A transformers GPT2LMHeadModel computing `model`'s function on the real vocabulary."""
+    from transformers import GPT2LMHeadModel
+
+    check_exportable(cfg)
+    tensors = hf_state_dict(full_state_dict(model), cfg)
+    hf = GPT2LMHeadModel(hf_config(cfg))
+    missing, unexpected = hf.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if not k.endswith(".attn.bias") and not k.endswith(".attn.masked_bias")
+               and not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"GPT-2 export mismatch: missing {missing}, unexpected {unexpected}")
+    return hf.eval()
