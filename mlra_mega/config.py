@@ -123,6 +123,7 @@ class ModelConfig:
         return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
 
     def validate(self, prefix: str = "model") -> None:
+        check_choices(self, prefix)
         for name in ("num_layers", "hidden_size", "num_heads", "vocab_multiple", "seq_length"):
             _require_positive(f"{prefix}.{name}", getattr(self, name))
         for name in ("ffn_hidden_size", "vocab_size", "max_position_embeddings"):
@@ -332,6 +333,17 @@ def check_tensor_parallel(model: ModelConfig, tp: int) -> None:
         raise ConfigError("parallel.tensor",
                           f"{tp} does not divide the padded vocabulary {model.padded_vocab_size}",
                           "choose model.vocab_multiple as a multiple of parallel.tensor")
+
+
+def check_choices(section: Any, prefix: str) -> None:
+    """Literal-typed fields hold one of their choices (also for configs built in code)."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            check_choices(value, f"{prefix}.{f.name}")
+        elif typing.get_origin(hints[f.name]) is Literal:
+            _coerce(value, hints[f.name], f"{prefix}.{f.name}")
 
 
 # --------------------------------------------------------------------------- loading
