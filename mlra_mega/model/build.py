@@ -3,7 +3,8 @@
 GPT-2 choices are made here explicitly: Pre-LN, learned absolute positions, tanh GELU, biases,
 LayerNorm eps from the config (1e-5), dropout as configured rather than megatron's 0.1 default,
 N(0, init_std) weights with residual-branch output projections at init_std / sqrt(2L). Fused
-kernels follow `model.fusions`: `auto` turns them on only where CUDA is available.
+kernels follow `model.fusions` (`fusion_flags`): `auto` turns on, where CUDA is available, those
+the installed stack supports.
 """
 
 from __future__ import annotations
@@ -16,11 +17,30 @@ import torch.nn.functional as F
 from mlra_mega.config import ModelConfig, check_tensor_parallel
 from mlra_mega.errors import ConfigError
 
-__all__ = ["transformer_config", "build_model", "count_parameters", "forward_flops_per_token",
+__all__ = ["fusion_flags", "transformer_config", "build_model", "count_parameters", "forward_flops_per_token",
            "flops_per_token"]
 
-_FUSION_FLAGS = ("masked_softmax_fusion", "persist_layer_norm", "bias_dropout_fusion",
-                 "gradient_accumulation_fusion", "apply_rope_fusion")
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def fusion_flags(cfg: ModelConfig) -> dict[str, bool]:
+    """Which fused kernels to use: none on CPU or with fusions=off; else those the stack has."""
+    on = cfg.fusions == "auto" and torch.cuda.is_available()
+    return {
+        # megatron's fused softmax calls a compiled extension; without it, it would fail at run time.
+        "masked_softmax_fusion": on and _importable("scaled_masked_softmax_cuda"),
+        "bias_dropout_fusion": on,  # torch.jit-scripted, needs nothing compiled
+        # Fused weight-gradient accumulation writes param.main_grad, which only megatron's own DDP
+        # allocates; DeepSpeed owns our gradients, so it stays off everywhere.
+        "gradient_accumulation_fusion": False,
+        # The fused bias-GELU kernel is erf GELU; GPT-2's is tanh.
+        "bias_activation_fusion": False,
+        "persist_layer_norm": False,  # Apex's FusedLayerNorm only; the local spec uses torch's
+        "apply_rope_fusion": False,  # learned absolute positions: no RoPE
+    }
 
 
 def _normal(std: float):
@@ -33,7 +53,6 @@ def transformer_config(cfg: ModelConfig, *, tensor_parallel: int = 1, sequence_p
     """megatron-core TransformerConfig for this model (fusions off on CPU)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    fused = cfg.fusions == "auto" and torch.cuda.is_available()
     residual_std = cfg.init_std / (2.0 * cfg.num_layers) ** 0.5 if cfg.scale_residual_init else cfg.init_std
     extra = {}
     if activation_checkpointing:
@@ -58,9 +77,7 @@ def transformer_config(cfg: ModelConfig, *, tensor_parallel: int = 1, sequence_p
         use_cpu_initialization=True,
         params_dtype=params_dtype,
         bf16=bf16,
-        # The fused bias-GELU kernel is erf GELU; GPT-2's is tanh, so it stays off.
-        bias_activation_fusion=False,
-        **{flag: fused for flag in _FUSION_FLAGS},
+        **fusion_flags(cfg),
         **extra,
     )
 

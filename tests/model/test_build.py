@@ -162,3 +162,13 @@ def test_run_config_checks_tp_against_the_model() -> None:
 def test_build_refuses_a_tp_other_than_the_initialised_one(tp1: None) -> None:
     with pytest.raises(ConfigError, match="differs from the initialised tensor-parallel size 1"):
         build_model(tiny_cfg(), tensor_parallel=2)
+
+
+def test_no_fusions_without_cuda_or_when_off() -> None:
+    from mlra_mega.model.build import fusion_flags
+
+    assert not any(fusion_flags(tiny_cfg(fusions="off")).values())
+    auto = fusion_flags(tiny_cfg(fusions="auto"))
+    assert auto["gradient_accumulation_fusion"] is False  # DeepSpeed has no main_grad
+    if not torch.cuda.is_available():
+        assert not any(auto.values())
