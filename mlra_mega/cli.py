@@ -1,7 +1,8 @@
 """`mlra-mega`: the command line. Errors a user can cause print one line and exit with 2.
 
-Commands grow with the framework; today: `quickstart` (the main job on embedded defaults) and
-`config` (load, validate and print a resolved configuration).
+Commands grow with the framework; today: `quickstart` (the main job on embedded defaults),
+`config` (load, validate and print a resolved configuration), `tokenizer train` and
+`preprocess` (the data pipeline).
 """
 
 from __future__ import annotations
@@ -52,6 +53,27 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from mlra_mega.data.tokenizer import train_tokenizer
+
+    train_tokenizer(args.input, args.vocab_size, args.output, model_type=args.model_type, seed=args.seed,
+                    max_training_bytes=args.max_training_bytes, max_sentence_length=args.max_sentence_length,
+                    json_key=args.json_key, threads=args.threads)
+    return 0
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from mlra_mega.data.documents import ReadOptions
+    from mlra_mega.data.preprocess import preprocess
+
+    options = ReadOptions(json_key=args.json_key, doc_boundary=args.doc_boundary,
+                          invalid_utf8=args.invalid_utf8, skip_bad_json=args.skip_bad_json)
+    summary = preprocess(args.input, args.tokenizer, args.output_prefix, workers=args.workers,
+                         options=options, overwrite=args.overwrite)
+    print(summary.line())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlra-mega", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +82,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default=None, help="YAML file (default: built-in defaults)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("tokenizer", help="sentencepiece tokenizers")
+    tok = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tok.add_parser("train", help="train a sentencepiece model (byte fallback, end-of-document token)")
+    t.add_argument("--input", nargs="+", required=True, metavar="FILE", help="text or JSON Lines, optionally .gz")
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    t.add_argument("--output", required=True, metavar="DIR")
+    t.add_argument("--seed", type=int, default=0, help="seed of the line sampling (default 0)")
+    t.add_argument("--max-training-bytes", type=int, default=200_000_000,
+                   help="sample lines when the input is larger (default 200 MB)")
+    t.add_argument("--max-sentence-length", type=int, default=4192,
+                   help="longer lines are cut at whitespace to fit (sentencepiece drops them otherwise)")
+    t.add_argument("--json-key", default="text")
+    t.add_argument("--threads", type=int, default=None, help="sentencepiece trainer threads (default 1)")
+    t.set_defaults(func=_cmd_tokenizer_train)
+
+    p = sub.add_parser("preprocess", help="text / JSON Lines -> megatron-core indexed dataset")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="text or JSON Lines, optionally .gz")
+    p.add_argument("--tokenizer", required=True, metavar="MODEL", help="tokenizer directory or its tokenizer.model")
+    p.add_argument("--output-prefix", required=True, metavar="PREFIX")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--json-key", default="text")
+    p.add_argument("--doc-boundary", choices=["line", "blank-line"], default="line",
+                   help="plain text: a document per line, or per blank-line-separated block")
+    p.add_argument("--invalid-utf8", choices=["replace", "skip"], default="replace")
+    p.add_argument("--skip-bad-json", action="store_true",
+                   help="skip (and count) malformed JSON lines and lines without the key, instead of stopping")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at the prefix")
+    p.set_defaults(func=_cmd_preprocess)
 
     p = sub.add_parser("quickstart", help="the main job on embedded defaults (configs/quickstart.yaml)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")

@@ -231,10 +231,23 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    """Where the tokens come from (the data pipeline adds its fields here)."""
+    """Tokenizer and a blend of indexed datasets (prefixes made by `mlra-mega preprocess`)."""
 
-    tokenizer: str | None = None
+    tokenizer: str | None = None  # a directory made by `mlra-mega tokenizer train`
+    paths: list[str] = field(default_factory=list)
+    weights: list[float] | None = None  # None: in proportion to size
+    split: str = "98,1,1"  # train, valid, test weights over documents
     seed: int | None = None  # None: train.seed
+    cache_dir: str | None = None  # megatron's index cache; None: ~/.cache/mlra_mega/index
+
+    def validate(self, prefix: str = "data") -> None:
+        if self.weights is not None:
+            if any(not w > 0 for w in self.weights):
+                raise ConfigError(f"{prefix}.weights", f"must all be > 0, got {self.weights}",
+                                  "give positive blend weights, or null")
+            if self.paths and len(self.weights) != len(self.paths):
+                raise ConfigError(f"{prefix}.weights", f"{len(self.weights)} weights for {len(self.paths)} paths",
+                                  "give one weight per path, or null")
 
 
 @dataclass
