@@ -18,10 +18,6 @@ __all__ = ["main", "build_parser"]
 EXIT_USER_ERROR = 2
 
 
-def _repo_configs() -> Path:
-    return Path(__file__).resolve().parent.parent / "configs"
-
-
 def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
@@ -36,20 +32,19 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
-    from mlra_mega.config import ConfigError, load_config
+    from mlra_mega.quickstart import quickstart_config
     from mlra_mega.train.smoke import run_smoke
 
-    path = _repo_configs() / "quickstart.yaml"
-    if not path.is_file():
-        raise ConfigError("quickstart", f"{path} not found",
-                          "run from a source checkout (pip install -e .), where configs/ sits beside the package")
-    cfg = load_config(path, args.overrides)
-    print(f"[quickstart] {cfg.model.num_layers}-layer {cfg.model.attention} GPT, hidden {cfg.model.hidden_size}, "
-          f"{cfg.train.steps} steps on synthetic tokens (CPU smoke run until the trainer lands)", flush=True)
-    result = run_smoke(cfg, log=lambda line: print(line, flush=True))
-    print(f"[quickstart] final loss {result.final_loss:.4f} (first {result.first_loss:.4f}), "
-          f"perplexity {result.final_perplexity:.2f}, TEV {result.tev_mean:.5f} +- {result.tev_std:.5f}, "
-          f"{result.seconds:.1f}s")
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    cfg = quickstart_config(args.overrides, log=log)
+    log(f"[quickstart] {cfg.model.num_layers}-layer {cfg.model.attention} GPT, hidden {cfg.model.hidden_size}, "
+        f"{cfg.train.steps} steps on the sample corpus (CPU smoke run until the trainer lands)")
+    result = run_smoke(cfg, log=log)
+    log(f"[quickstart] final loss {result.final_loss:.4f} (first {result.first_loss:.4f}), "
+        f"perplexity {result.final_perplexity:.2f}, TEV {result.tev_mean:.5f} +- {result.tev_std:.5f}, "
+        f"{result.seconds:.1f}s")
     return 0
 
 

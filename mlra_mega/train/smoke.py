@@ -1,12 +1,14 @@
-"""A short training smoke run of what exists: model build, CPU shims, TEV, on synthetic tokens.
+"""A short training smoke run of what exists: data pipeline, model build, CPU shims, TEV.
 
-This stands in for the quickstart until the DeepSpeed trainer and the data pipeline land: one
-process (or one tensor-parallel group), plain torch AdamW, a synthetic corpus of arithmetic
-token sequences a tiny model can learn, and a line per step with loss and TEV.
+This stands in for the trainer until the DeepSpeed engine lands: one process (or one
+tensor-parallel group), plain torch AdamW with gradient accumulation over the micro-batches,
+a line per step with loss and TEV. Batches come from `data.paths` through the data pipeline,
+or, with no data configured, from a synthetic corpus of arithmetic token sequences.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -16,6 +18,8 @@ import torch
 
 from mlra_mega import distributed
 from mlra_mega.config import RunConfig
+from mlra_mega.data.datasets import SampleOrder, TrainBatches, build_datasets
+from mlra_mega.data.tokenizer import check_vocab, load_tokenizer
 from mlra_mega.errors import ConfigError
 from mlra_mega.metrics.tev import compute_tev
 from mlra_mega.model.build import build_model
@@ -45,6 +49,32 @@ def synthetic_batch(step: int, batch: int, seq: int, vocab: int, seed: int) -> t
     return (a + b * torch.arange(seq + 1)) % vocab
 
 
+def _batch_source(cfg: RunConfig, dp_rank: int, dp_size: int) -> tuple[RunConfig, Callable[[int], list[dict]]]:
+    """(config with model.vocab_size resolved, step -> this rank's micro-batches)."""
+    m, t = cfg.model, cfg.train
+    if not cfg.data.paths:
+        if m.vocab_size is None:
+            raise ConfigError("model.vocab_size", "is not set and there is no data.tokenizer to take it from",
+                              "set model.vocab_size, or configure data.tokenizer and data.paths")
+
+        def synthetic(step: int) -> list[dict]:
+            tokens = synthetic_batch(step, t.micro_batch_size, m.seq_length, m.vocab_size, t.seed)
+            return [{"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(tokens[:, 1:].shape)}]
+
+        return cfg, synthetic
+    if cfg.data.tokenizer is None:
+        raise ConfigError("data.tokenizer", "is not set", "give the tokenizer directory that made data.paths")
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    vocab = check_vocab(m.vocab_size, tokenizer)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, vocab_size=vocab))
+    cfg.validate()
+    seed = cfg.data.seed if cfg.data.seed is not None else t.seed
+    train = build_datasets(cfg.data, m.seq_length, tokenizer, seed).train
+    batches = TrainBatches(train, SampleOrder(len(train), seed), global_batch_size=t.global_batch_size,
+                           micro_batch_size=t.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
+    return cfg, lambda step: batches.next_global_batch()
+
+
 def run_smoke(cfg: RunConfig, log: Callable[[str], None] = print) -> SmokeResult:
     from megatron.core import parallel_state
 
@@ -53,25 +83,31 @@ def run_smoke(cfg: RunConfig, log: Callable[[str], None] = print) -> SmokeResult
         if ctx.dp_size != 1:
             raise ConfigError("parallel.tensor", f"the smoke run has no data parallelism (world {ctx.world_size})",
                               "launch exactly parallel.tensor processes")
+        cfg, next_batches = _batch_source(cfg, ctx.dp_rank, ctx.dp_size)
         m, t = cfg.model, cfg.train
         model = build_model(m, tensor_parallel=ctx.tp_size)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                 eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-        positions = torch.arange(m.seq_length).unsqueeze(0).expand(t.micro_batch_size, -1)
         embedding = model.embedding.word_embeddings.weight
         tp_group = parallel_state.get_tensor_model_parallel_group()
         start = time.perf_counter()
         first = loss_value = float("nan")
         tev = compute_tev(embedding, m.vocab_size, tp_group)
         for step in range(1, t.steps + 1):
-            tokens = synthetic_batch(step, t.micro_batch_size, m.seq_length, m.vocab_size, t.seed)
-            loss = model(tokens[:, :-1], positions, None, labels=tokens[:, 1:]).mean()
+            micro = next_batches(step)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            total = 0.0
+            for batch in micro:
+                positions = torch.arange(batch["tokens"].shape[1]).unsqueeze(0).expand_as(batch["tokens"])
+                per_token = model(batch["tokens"], positions, None, labels=batch["labels"])
+                mask = batch["loss_mask"].float()
+                loss = (per_token * mask).sum() / mask.sum()
+                (loss / len(micro)).backward()
+                total += loss.item() / len(micro)
             if cfg.optim.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
             opt.step()
-            loss_value = loss.item()
+            loss_value = total
             first = loss_value if step == 1 else first
             if cfg.metrics.tev_interval and step % cfg.metrics.tev_interval == 0:
                 tev = compute_tev(embedding, m.vocab_size, tp_group)
