@@ -1,17 +1,21 @@
-"""The only place that adapts megatron-core to a machine without CUDA (gloo, CPU tensors).
+"""The only place that adapts megatron-core and DeepSpeed to a machine without CUDA (gloo, CPU).
 
-megatron-core 0.16.1 runs GPTModel on CPU at any tensor-parallel size once three CUDA
-assumptions are redirected; `apply()` does exactly that and nothing else, and only when CUDA is
-unavailable (`distributed.setup` calls it). Each shim has a canary test showing the unpatched
-call still fails, so a shim that a later megatron-core no longer needs is noticed and removed.
+megatron-core 0.16.1 runs GPTModel on CPU at any tensor-parallel size (sequence parallelism
+included) once three CUDA assumptions are redirected, and DeepSpeed 0.19.8 starts without a JIT
+build once a fourth is; `apply()` does exactly that and nothing else, and only when CUDA is
+unavailable (`distributed.setup` calls it). Each shim has a canary test showing megatron-core's
+or DeepSpeed's own call still fails (or still builds), so a shim a later release no longer needs
+is noticed and removed.
 
-1. RNG tracker: the tensor-parallel RNG tracker saves and restores CUDA generator states;
-   on CPU the same bookkeeping is done on the CPU default generator, which is what dropout
-   and init use there.
-2. Global memory buffer: scratch buffers (attention scores, sequence-parallel gathers) are
-   allocated on `torch.cuda.current_device()`; on CPU they are allocated on the CPU.
-3. Default causal mask: the fallback softmax builds its causal mask on "cuda"; on CPU it is
-   built on the CPU (same values).
+1. RNG tracker: the tensor-parallel RNG tracker saves and restores CUDA generator states; on CPU
+   the same bookkeeping is done on the CPU default generator, which dropout and init use there.
+2. Current device: scratch buffers, sequence-parallel gathers and reduce-scatters are allocated
+   on `torch.cuda.current_device()`, which without CUDA can only raise; it answers "cpu" instead.
+   Nothing that worked before can break: on such a machine every call of it failed.
+3. Default causal mask: the fallback softmax builds its causal mask on "cuda"; on CPU it is built
+   on the CPU (same values).
+4. DeepSpeed's shared-memory all-reduce op: DeepSpeed JIT-compiles it (tens of seconds) when its
+   communication backend starts on CPU, for inference all-reduces we never make; it is skipped.
 
 Fused kernels (softmax, bias-GELU, gradient-accumulation, RoPE) are not shims: they are turned
 off by the model builder's `fusions` setting.
@@ -21,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -103,19 +106,11 @@ def _reset_rng_tracker() -> None:
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
 
 
-# --------------------------------------------------------------------------- 2. memory buffer
+# --------------------------------------------------------------------------- 2. current device
 
 
-def _make_cpu_get_tensor() -> Any:
-    def get_tensor(self: Any, tensor_shape: Any, dtype: torch.dtype, name: str,
-                   mem_alloc_context: Any = None) -> torch.Tensor:
-        required = functools.reduce(operator.mul, tensor_shape, 1)
-        buf = self.buffer.get((name, dtype))
-        if buf is None or buf.numel() < required:
-            buf = self.buffer[(name, dtype)] = torch.empty(required, dtype=dtype, requires_grad=False)
-        return buf[0:required].view(*tensor_shape)
-
-    return get_tensor
+def _cpu_current_device() -> str:
+    return "cpu"
 
 
 # --------------------------------------------------------------------------- 3. causal mask
@@ -126,18 +121,28 @@ def _cpu_default_causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
 
+# --------------------------------------------------------------------------- 4. DeepSpeed shm op
+
+
+def _no_shm_op() -> None:
+    return None
+
+
 SHIMS: dict[str, tuple[_Patch, ...]] = {
     "rng_tracker": (
         _Patch("megatron.core.tensor_parallel.random", "CudaRNGStatesTracker", _make_cpu_tracker_class),
         _Patch("megatron.core.tensor_parallel.random", "_get_cuda_rng_state", lambda: _cpu_get_rng_state),
         _Patch("megatron.core.tensor_parallel.random", "_set_cuda_rng_state", lambda: _cpu_set_rng_state),
     ),
-    "memory_buffer": (
-        _Patch("megatron.core.utils", "GlobalMemoryBuffer.get_tensor", _make_cpu_get_tensor),
+    "current_device": (
+        _Patch("torch", "cuda.current_device", lambda: _cpu_current_device),
     ),
     "causal_mask": (
         _Patch("megatron.core.fusions.fused_softmax", "get_default_causal_mask", lambda: _cpu_default_causal_mask),
         _Patch("megatron.core.transformer.utils", "get_default_causal_mask", lambda: _cpu_default_causal_mask),
+    ),
+    "deepspeed_shm_op": (
+        _Patch("deepspeed.comm.torch", "build_shm_op", lambda: _no_shm_op),
     ),
 }
 

@@ -73,18 +73,33 @@ def test_rng_tracker_serves_activation_checkpointing(unpatched: None) -> None:
     assert torch.equal(torch.rand(4), first)  # recompute sees the same dropout masks
 
 
-def test_memory_buffer(unpatched: None) -> None:
+def test_current_device(unpatched: None) -> None:
     from megatron.core.utils import GlobalMemoryBuffer
 
     with pytest.raises(CUDA_MISSING, match="CUDA"):
         GlobalMemoryBuffer().get_tensor((2, 3), torch.float32, "mpu")
 
-    cpu.apply(only=("memory_buffer",))
+    cpu.apply(only=("current_device",))
     buf = GlobalMemoryBuffer()
     t = buf.get_tensor((2, 3), torch.float32, "mpu")
     assert t.device.type == "cpu" and t.shape == (2, 3)
     small = buf.get_tensor((4,), torch.float32, "mpu")
     assert small.data_ptr() == t.data_ptr()  # reused, as on GPU
+
+
+def test_deepspeed_shm_op_would_be_jit_built(unpatched: None) -> None:
+    """Unpatched, DeepSpeed's comm backend would compile its shm op on start (tens of seconds)."""
+    import importlib
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # `deepspeed.comm.torch` the attribute is torch
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    assert builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False)
+    cpu.apply(only=("deepspeed_shm_op",))
+    assert ds_torch.build_shm_op() is None
 
 
 def causal_softmax(scores: torch.Tensor) -> torch.Tensor:
@@ -112,12 +127,10 @@ def test_causal_mask(unpatched: None) -> None:
 
 
 def test_apply_is_idempotent_and_remove_restores(unpatched: None) -> None:
-    from megatron.core.utils import GlobalMemoryBuffer
-
-    original = GlobalMemoryBuffer.get_tensor
+    original = torch.cuda.current_device
     cpu.apply()
-    patched = GlobalMemoryBuffer.get_tensor
+    patched = torch.cuda.current_device
     cpu.apply()
-    assert GlobalMemoryBuffer.get_tensor is patched is not original
+    assert torch.cuda.current_device is patched is not original
     cpu.remove()
-    assert GlobalMemoryBuffer.get_tensor is original and not cpu.applied()
+    assert torch.cuda.current_device is original and not cpu.applied()

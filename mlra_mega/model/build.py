@@ -89,7 +89,7 @@ def build_model(cfg: ModelConfig, *, tensor_parallel: int | None = None, sequenc
     from megatron.core import parallel_state
 
     from mlra_mega.model.embedding import GPTModelWithEmbedding
-    from mlra_mega.model.specs import layer_spec
+    from mlra_mega.model.specs import block_spec
 
     cfg.validate()
     if tensor_parallel is None:
@@ -105,7 +105,7 @@ def build_model(cfg: ModelConfig, *, tensor_parallel: int | None = None, sequenc
                               activation_checkpointing=activation_checkpointing)
     return GPTModelWithEmbedding(
         config=tcfg,
-        transformer_layer_spec=layer_spec(cfg),
+        transformer_layer_spec=block_spec(cfg),
         vocab_size=cfg.padded_vocab_size,
         max_sequence_length=cfg.max_positions,
         share_embeddings_and_output_weights=cfg.tie_embeddings,

@@ -20,6 +20,8 @@ from torch import Tensor
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.gpt import GPTModel
 
+from mlra_mega.model.norm import LayerNorm
+
 __all__ = ["ScaledEmbedding", "LayerNormEmbedding", "GPTModelWithEmbedding", "EMBEDDINGS"]
 
 
@@ -62,12 +64,7 @@ class LayerNormEmbedding(_AdoptingEmbedding):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.embed_norm = torch.nn.LayerNorm(self.config.hidden_size, eps=self.config.layernorm_epsilon,
-                                             dtype=self.config.params_dtype)
-        for p in self.embed_norm.parameters():
-            # Identical on every TP rank; with sequence parallelism its gradients are partial sums
-            # over the local tokens and must be all-reduced over the TP group (the trainer does).
-            p.sequence_parallel = self.config.sequence_parallel
+        self.embed_norm = LayerNorm(self.config, self.config.hidden_size, eps=self.config.layernorm_epsilon)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, tokentype_ids: int | None = None) -> Tensor:
         return self.embed_norm(super().forward(input_ids, position_ids, tokentype_ids))

@@ -131,17 +131,17 @@ class MLRASelfAttention(Attention):
                                     output_gate: bool = False, split_qkv: bool = True):
         if output_gate or not split_qkv:
             raise NotImplementedError("MLRA supports neither output gates nor fused QKV-RoPE")
-        s, b, _ = hidden_states.shape
+        # Shapes from the projections' outputs: under sequence parallelism they gather the sequence.
         heads = self.num_attention_heads_per_partition
         out: dict[str, Tensor] = {}
         if self.linear_a is not None:
             low, _ = self.linear_a(hidden_states)
-            low = low.view(s, b, heads, len(self.factorized), self.rank)
+            low = low.view(*low.shape[:2], heads, len(self.factorized), self.rank)
             for i, p in enumerate(self.factorized):
                 out[p] = getattr(self, f"linear_b_{p}")(low[:, :, :, i])
         if self.linear_qkv is not None:
             mixed, _ = self.linear_qkv(hidden_states)
-            mixed = mixed.view(s, b, heads, len(self.full), self.hidden_size_per_attention_head)
+            mixed = mixed.view(*mixed.shape[:2], heads, len(self.full), self.hidden_size_per_attention_head)
             for i, p in enumerate(self.full):
                 out[p] = mixed[:, :, :, i]
         return out["q"].contiguous(), out["k"].contiguous(), out["v"].contiguous()

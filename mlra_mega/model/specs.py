@@ -1,7 +1,8 @@
 """ModuleSpecs: which attention (and core-attention backend) each variant's layers use.
 
-Everything but the self-attention is megatron-core's local GPT layer (Pre-LN, LayerNorm, MLP,
-bias-dropout-add). `mha` is megatron's SelfAttention; `mlra` is `MLRASelfAttention`.
+Everything but the self-attention and the norms is megatron-core's local GPT layer (Pre-LN, MLP,
+bias-dropout-add). `mha` is megatron's SelfAttention; `mlra` is `MLRASelfAttention`; the norms
+are `norm.LayerNorm`, which also serves sequence parallelism.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from mlra_mega.config import ModelConfig
 from mlra_mega.errors import ConfigError
 from mlra_mega.model.mlra import MLRAOutputProjection, MLRASelfAttention
+from mlra_mega.model.norm import LayerNorm
 from mlra_mega.model.sdpa import SDPAttention
 
-__all__ = ["layer_spec", "core_attention_class", "QKVColumnParallelLinear"]
+__all__ = ["layer_spec", "block_spec", "core_attention_class", "QKVColumnParallelLinear"]
 
 
 class QKVColumnParallelLinear(ColumnParallelLinear):
@@ -75,7 +78,14 @@ def _attention_spec(cfg: ModelConfig) -> ModuleSpec:
 
 
 def layer_spec(cfg: ModelConfig) -> ModuleSpec:
-    """megatron's local GPT layer with this variant's self-attention plugged in."""
+    """megatron's local GPT layer with this variant's self-attention and our LayerNorm."""
     spec = get_gpt_layer_local_spec()
     spec.submodules.self_attention = _attention_spec(cfg)
+    spec.submodules.input_layernorm = LayerNorm
+    spec.submodules.pre_mlp_layernorm = LayerNorm
     return spec
+
+
+def block_spec(cfg: ModelConfig) -> TransformerBlockSubmodules:
+    """The decoder: `num_layers` of `layer_spec`, and our LayerNorm as the final norm."""
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(cfg)] * cfg.num_layers, layer_norm=LayerNorm)
