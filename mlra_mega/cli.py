@@ -32,20 +32,42 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
+    import math
+
     from mlra_mega.quickstart import quickstart_config
-    from mlra_mega.train.smoke import run_smoke
+    from mlra_mega.train.run import train
 
     def log(line: str) -> None:
         print(line, flush=True)
 
     cfg = quickstart_config(args.overrides, log=log)
     log(f"[quickstart] {cfg.model.num_layers}-layer {cfg.model.attention} GPT, hidden {cfg.model.hidden_size}, "
-        f"{cfg.train.steps} steps on the sample corpus (CPU smoke run until the trainer lands)")
-    result = run_smoke(cfg, log=log)
-    log(f"[quickstart] final loss {result.final_loss:.4f} (first {result.first_loss:.4f}), "
-        f"perplexity {result.final_perplexity:.2f}, TEV {result.tev_mean:.5f} +- {result.tev_std:.5f}, "
-        f"{result.seconds:.1f}s")
+        f"{cfg.train.steps} steps on the sample corpus")
+    history, run_dir = train(cfg, log=log)
+    first, last = history[0], history[-1]
+    tev = next((m for m in reversed(history) if m.tev_mean is not None), None)
+    tev_text = f", TEV {tev.tev_mean:.5f} +- {tev.tev_std:.5f}" if tev else ""
+    log(f"[quickstart] final loss {last.loss:.4f} (first {first.loss:.4f}), perplexity {math.exp(last.loss):.2f}"
+        f"{tev_text}, {sum(m.step_time_s for m in history):.1f}s; run dir {run_dir}")
     return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mlra_mega.config import load_config
+    from mlra_mega.train.run import train
+
+    cfg = load_config(args.config, args.overrides)
+    history, run_dir = train(cfg)
+    if history and torch_rank() == 0:
+        last = history[-1]
+        print(f"[train] done: step {last.step}, loss {last.loss:.4f}; metrics in {run_dir / 'metrics.jsonl'}")
+    return 0
+
+
+def torch_rank() -> int:
+    from mlra_mega.distributed import launch_env
+
+    return launch_env().rank
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
@@ -77,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default=None, help="YAML file (default: built-in defaults)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("train", help="train a model from a YAML config (one process, or N under torchrun / "
+                                     "the deepspeed launcher / srun)")
+    p.add_argument("config", help="YAML file")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("tokenizer", help="sentencepiece tokenizers")
     tok = p.add_subparsers(dest="tokenizer_command", required=True)

@@ -158,9 +158,11 @@ class ParallelConfig:
 
     tensor: int = 1
     sequence_parallel: bool = False
+    pipeline: int = 1  # pipeline parallelism is not supported yet; kept so the refusal is clear
 
     def validate(self, prefix: str = "parallel") -> None:
         _require_positive(f"{prefix}.tensor", self.tensor)
+        _require_positive(f"{prefix}.pipeline", self.pipeline)
         if self.sequence_parallel and self.tensor == 1:
             raise ConfigError(f"{prefix}.sequence_parallel", "needs tensor parallelism (parallel.tensor is 1)",
                               "set parallel.tensor >= 2 or parallel.sequence_parallel=false")
@@ -333,6 +335,13 @@ class RunConfig:
             if hasattr(section, "validate"):
                 section.validate(f.name)
         check_tensor_parallel(self.model, self.parallel.tensor)
+        if self.parallel.pipeline > 1:
+            if self.zero.stage >= 2:
+                raise ConfigError("zero.stage", f"ZeRO-{self.zero.stage} cannot combine with pipeline parallelism "
+                                  f"(parallel.pipeline={self.parallel.pipeline})",
+                                  "use zero.stage=0 or 1, or parallel.pipeline=1")
+            raise ConfigError("parallel.pipeline", "pipeline parallelism is not supported yet",
+                              "use parallel.pipeline=1 and scale with parallel.tensor and data parallelism")
 
 
 def check_tensor_parallel(model: ModelConfig, tp: int) -> None:

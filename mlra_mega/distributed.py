@@ -116,6 +116,8 @@ def setup(parallel: ParallelConfig, seed: int, *, timeout_s: float = 600.0) -> P
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
         _init_process_group(env, backend, timeout_s)
+    # DeepSpeed insists on LOCAL_RANK in the environment, whatever started us (plain python, srun).
+    os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -12,7 +12,7 @@ from mlra_mega.config import ConfigError
 from mlra_mega.data.tokenizer import (CARD_FILE, MODEL_FILE, check_vocab, load_tokenizer, split_long_line,
                                       train_tokenizer)
 from mlra_mega.errors import DataError
-from tests.data.conftest import VOCAB
+from tests.conftest import VOCAB
 
 
 def quiet(_: str) -> None:

@@ -1,4 +1,4 @@
-"""Shared data fixtures: a small English corpus (the embedded sample) and a tokenizer trained once."""
+"""Shared fixtures: a small English corpus (the embedded sample), a tokenizer and a dataset, made once."""
 
 from __future__ import annotations
 
@@ -33,3 +33,13 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, corpus_jsonl: Path) 
     out = tmp_path_factory.mktemp("tok")
     train_tokenizer([corpus_jsonl], VOCAB, out, log=lambda s: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def sample_dataset(tmp_path_factory: pytest.TempPathFactory, corpus_jsonl: Path, tokenizer_dir: Path) -> str:
+    """Prefix of the corpus preprocessed with the session tokenizer."""
+    from mlra_mega.data.preprocess import Progress, preprocess
+
+    prefix = tmp_path_factory.mktemp("dataset") / "corpus"
+    preprocess([corpus_jsonl], tokenizer_dir, prefix, progress=Progress(None, interactive=False, log=lambda s: None))
+    return str(prefix)

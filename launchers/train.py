@@ -1,0 +1,14 @@
+"""Entry script for launchers that start a Python file: the deepspeed launcher, or plain python.
+
+    deepspeed --num_gpus 8 launchers/train.py CONFIG.yaml [section.key=value ...]
+
+The launcher's `--local_rank=N` argument is accepted and ignored (LOCAL_RANK is in the
+environment too). Same as `mlra-mega train CONFIG.yaml ...`.
+"""
+
+import sys
+
+from mlra_mega.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))

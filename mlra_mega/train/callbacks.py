@@ -1,0 +1,92 @@
+"""The callback interface, and the callbacks that are not tied to a backend.
+
+Everything that is not the training step hangs off the trainer as a callback: logging,
+checkpointing, tracking, stability guards, signals. Each callback has its own state
+(`state_dict` / `load_state_dict`) so that it survives a resume.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mlra_mega.train.trainer import StepMetrics, Trainer
+
+__all__ = ["Callback", "ConsoleLogger", "MetricsFile"]
+
+
+class Callback:
+    """No-op hooks; override what you need."""
+
+    def on_fit_start(self, trainer: "Trainer") -> None: ...
+
+    def on_step_end(self, trainer: "Trainer", metrics: "StepMetrics") -> None: ...
+
+    def on_eval_end(self, trainer: "Trainer", step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_fit_end(self, trainer: "Trainer") -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class ConsoleLogger(Callback):
+    """One line per `train.log_interval` steps on rank 0: step, loss, TEV, tokens/s, ETA."""
+
+    def __init__(self, print_fn=print) -> None:
+        self.print = print_fn
+        self._start = time.perf_counter()
+        self._start_step = 0
+
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        self._start, self._start_step = time.perf_counter(), trainer.step
+
+    def on_step_end(self, trainer: "Trainer", m: "StepMetrics") -> None:
+        if not trainer.ctx.is_main:
+            return
+        t = trainer.cfg.train
+        if m.step % t.log_interval and m.step != t.steps:
+            return
+        done = m.step - self._start_step
+        eta = (time.perf_counter() - self._start) / max(done, 1) * (t.steps - m.step)
+        tev = f"  tev {m.tev_mean:.5f} +- {m.tev_std:.5f}" if m.tev_mean is not None else ""
+        mfu = f"  mfu {m.mfu:.1%}" if m.mfu is not None else ""
+        self.print(f"step {m.step:>6}/{t.steps}  loss {m.loss:.4f}  lr {m.lr:.2e}  grad {m.grad_norm:.3f}{tev}"
+                   f"  {m.tokens_per_s:,.0f} tok/s  {m.tflops_per_device:.2f} TFLOP/s{mfu}  eta {_fmt_eta(eta)}",
+                   flush=True)
+
+    def on_eval_end(self, trainer: "Trainer", step: int, metrics: dict[str, float]) -> None:
+        if trainer.ctx.is_main:
+            self.print(f"eval at step {step}: loss {metrics['val_loss']:.4f}  ppl {metrics['val_ppl']:.2f}",
+                       flush=True)
+
+
+class MetricsFile(Callback):
+    """`<run dir>/metrics.jsonl`: one JSON object per step (and per evaluation), rank 0 only."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _write(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+        if trainer.ctx.is_main:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def on_step_end(self, trainer: "Trainer", m: "StepMetrics") -> None:
+        self._write(trainer, m.as_dict())
+
+    def on_eval_end(self, trainer: "Trainer", step: int, metrics: dict[str, float]) -> None:
+        self._write(trainer, {"step": step, **metrics})

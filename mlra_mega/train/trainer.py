@@ -1,0 +1,148 @@
+"""The training loop: one global batch per step through the DeepSpeed engine, metrics out.
+
+Each step runs this rank's micro-batches (DeepSpeed accumulates and steps at the boundary),
+then records loss (averaged over data parallelism), learning rate, the pre-clip gradient norm,
+TEV every `metrics.tev_interval` steps, and throughput. Everything else hangs off callbacks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mlra_mega.config import RunConfig
+from mlra_mega.data.datasets import SampleOrder, TrainBatches
+from mlra_mega.distributed import ParallelContext
+from mlra_mega.metrics.tev import TEVStats, compute_tev
+from mlra_mega.metrics.throughput import throughput
+from mlra_mega.model.build import flops_per_token
+from mlra_mega.train.callbacks import Callback
+from mlra_mega.train.engine import global_grad_norm, tensor_parallel_grad_norm
+
+__all__ = ["StepMetrics", "Trainer", "embedding_tev"]
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    consumed_samples: int
+    step_time_s: float
+    tokens_per_s: float
+    tflops_per_device: float
+    mfu: float | None = None
+    tev_mean: float | None = None
+    tev_std: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def embedding_tev(model: torch.nn.Module, vocab_size: int, tp_group: dist.ProcessGroup | None) -> TEVStats:
+    """TEV of the input embedding, its rows gathered first where ZeRO-3 has partitioned them."""
+    weight = model.embedding.word_embeddings.weight
+    if hasattr(weight, "ds_id"):  # a ZeRO-3 partitioned parameter
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+            return compute_tev(weight, vocab_size, tp_group)
+    return compute_tev(weight, vocab_size, tp_group)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, ctx: ParallelContext, engine: Any, train_batches: TrainBatches,
+                 valid_dataset: Any | None = None, callbacks: Sequence[Callback] = ()) -> None:
+        from megatron.core import parallel_state
+
+        self.cfg, self.ctx, self.engine, self.batches = cfg, ctx, engine, train_batches
+        self.model = engine.module
+        self.valid_dataset = valid_dataset
+        self.callbacks = list(callbacks)
+        self.step = 0
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.flops_per_token = flops_per_token(cfg.model)
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        dev = self.ctx.device
+        tokens, labels = batch["tokens"].to(dev), batch["labels"].to(dev)
+        positions = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
+        per_token = self.engine(tokens, positions, None, labels=labels)
+        mask = batch["loss_mask"].to(dev).float()
+        return (per_token.float() * mask).sum() / mask.sum()
+
+    def _dp_mean(self, values: list[torch.Tensor]) -> float:
+        mean = torch.stack([v.detach().float() for v in values]).mean().to(torch.float64)
+        if self.ctx.dp_size > 1:
+            dist.all_reduce(mean, group=self.dp_group)
+            mean /= self.ctx.dp_size
+        return float(mean)
+
+    def train_step(self) -> StepMetrics:
+        start = time.perf_counter()
+        lr = float(self.engine.get_lr()[0])
+        micro = self.batches.next_global_batch()
+        losses, own_norm = [], None
+        for i, batch in enumerate(micro):
+            loss = self._loss(batch)
+            self.engine.backward(loss)
+            if i == len(micro) - 1 and self.cfg.zero.stage == 0:
+                # DeepSpeed keeps no norm at ZeRO-0; the gradients are DP-reduced by now.
+                own_norm = tensor_parallel_grad_norm(self.model, self.tp_group)
+            self.engine.step()
+            losses.append(loss)
+        self.step += 1
+        tev = None
+        if self.cfg.metrics.tev_interval and self.step % self.cfg.metrics.tev_interval == 0:
+            tev = embedding_tev(self.model, self.cfg.model.vocab_size, self.tp_group)
+        loss_value = self._dp_mean(losses)
+        elapsed = time.perf_counter() - start
+        tp = throughput(self.tokens_per_step, elapsed, self.flops_per_token, self.ctx.world_size,
+                        self.cfg.metrics.peak_tflops)
+        return StepMetrics(step=self.step, loss=loss_value, lr=lr, grad_norm=global_grad_norm(self.engine, own_norm),
+                           consumed_samples=self.batches.consumed_samples, step_time_s=elapsed,
+                           tokens_per_s=tp.tokens_per_s, tflops_per_device=tp.tflops_per_device, mfu=tp.mfu,
+                           tev_mean=tev.mean if tev else None, tev_std=tev.std if tev else None)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over the first `eval.iters` global batches of the validation split."""
+        t = self.cfg.train
+        batches = TrainBatches(self.valid_dataset, SampleOrder(len(self.valid_dataset), 0),
+                               global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
+                               dp_rank=self.ctx.dp_rank, dp_size=self.ctx.dp_size)
+        self.engine.eval()
+        try:
+            losses = [self._loss(b) for _ in range(self.cfg.eval.iters) for b in batches.next_global_batch()]
+        finally:
+            self.engine.train()
+        loss = self._dp_mean(losses)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    def fit(self) -> list[StepMetrics]:
+        history = []
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        while self.step < self.cfg.train.steps:
+            metrics = self.train_step()
+            history.append(metrics)
+            for cb in self.callbacks:
+                cb.on_step_end(self, metrics)
+            ev = self.cfg.eval
+            if self.valid_dataset is not None and ev.interval and (self.step % ev.interval == 0
+                                                                   or self.step == self.cfg.train.steps):
+                result = self.evaluate()
+                for cb in self.callbacks:
+                    cb.on_eval_end(self, self.step, result)
+        for cb in self.callbacks:
+            cb.on_fit_end(self)
+        return history

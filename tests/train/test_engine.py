@@ -1,0 +1,261 @@
+"""The engine: every TP x DP layout and ZeRO stage trains like one process; ZeRO shards state.
+
+Reference: TP=1 x DP=1, ZeRO-0, fp32 (one process). Compared: TP=2 x DP=2 (four processes) at
+ZeRO 0 / 1 / 2 / 3, with sequence parallelism, with activation checkpointing, in bf16, and
+TP=2 under the deepspeed launcher: per-step loss and pre-clip gradient norm over 8 steps on the
+same global batches. Clipping (optim.clip_grad=0.05) fires on every step of every run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlra_mega.config import ConfigError, load_config
+from mlra_mega.train.engine import deepspeed_config, lr_factor
+from mlra_mega.train.run import validate_layout
+from tests.dist import dist_case, dist_result
+
+REPO = Path(__file__).resolve().parents[2]
+CLIP = 0.05
+STEPS = 8
+BASE = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_length=32",
+        "model.attention=mlra", f"train.steps={STEPS}", "train.global_batch_size=8", "train.micro_batch_size=2",
+        f"optim.clip_grad={CLIP}", "optim.lr=1e-3", "optim.warmup_steps=2", "metrics.tev_interval=4",
+        "eval.interval=0"]
+LAYOUTS = {
+    "zero0": ["zero.stage=0"],
+    "zero1": ["zero.stage=1"],
+    "zero2": ["zero.stage=2"],
+    "zero3": ["zero.stage=3"],
+    "sequence_parallel": ["zero.stage=1", "parallel.sequence_parallel=true"],
+    "activation_checkpointing": ["zero.stage=2", "train.activation_checkpointing=true"],
+    "bf16": ["zero.stage=1", "train.precision=bf16"],
+}
+REL = 1e-5
+BF16_REL = 2e-2
+
+
+def _overrides(extra: list[str]) -> list[str]:
+    env = json.loads(os.environ["MLRA_TEST_ENGINE"])
+    return [*BASE, f"data.tokenizer={env['tokenizer']}", f"data.paths=[{env['dataset']}]",
+            f"run.root={env['runs']}", *extra]
+
+
+def _train(extra: list[str], callbacks=()) -> dict:
+    from mlra_mega.train.run import train
+
+    history, _ = train(load_config(None, _overrides(extra)), callbacks, log=lambda s: None)
+    return {"loss": [m.loss for m in history], "grad_norm": [m.grad_norm for m in history],
+            "tev": [m.tev_mean for m in history if m.tev_mean is not None]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def engine_env(tokenizer_dir: Path, sample_dataset: str, tmp_path_factory: pytest.TempPathFactory):
+    os.environ["MLRA_TEST_ENGINE"] = json.dumps({"tokenizer": str(tokenizer_dir), "dataset": sample_dataset,
+                                                 "runs": str(tmp_path_factory.mktemp("runs"))})
+    yield
+    del os.environ["MLRA_TEST_ENGINE"]
+
+
+@dist_case(1)
+def reference() -> dict:
+    return _train(["zero.stage=0"])
+
+
+@dist_case(4)
+def tp2_dp2() -> dict:
+    from mlra_mega.train.callbacks import Callback
+
+    class Dtype(Callback):
+        def on_fit_end(self, trainer) -> None:
+            self.dtype = str(next(trainer.model.parameters()).dtype)
+
+    out = {}
+    for name, extra in LAYOUTS.items():
+        probe = Dtype()
+        out[name] = _train([*extra, "parallel.tensor=2"], [probe])
+        out[name]["dtype"] = probe.dtype
+    return out
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+def _check(run: dict, ref: dict, tol: float, grad_tol: float | None = None) -> None:
+    assert len(run["loss"]) == len(ref["loss"]) == STEPS
+    assert all(g > CLIP for g in ref["grad_norm"] + run["grad_norm"]), "clipping must fire on every step"
+    for step, (a, b) in enumerate(zip(run["loss"], ref["loss"]), start=1):
+        assert _rel(a, b) <= tol, f"loss at step {step}: {a} vs {b}"
+    for step, (a, b) in enumerate(zip(run["grad_norm"], ref["grad_norm"]), start=1):
+        assert _rel(a, b) <= (grad_tol or tol), f"grad norm at step {step}: {a} vs {b}"
+
+
+@pytest.mark.parametrize("layout", [k for k in LAYOUTS if k != "bf16"])
+def test_tp2_dp2_matches_one_process(layout: str) -> None:
+    (ref,) = dist_result(__name__, 1, "reference")
+    runs = dist_result(__name__, 4, "tp2_dp2")
+    for rank_runs in runs:
+        run = rank_runs[layout]
+        _check(run, ref, REL)
+        assert run["dtype"] == "torch.float32"
+        # TEV recorded during the run (ZeRO-3: on the gathered rows) is the one-process TEV.
+        assert len(run["tev"]) == 2 and all(_rel(a, b) <= REL for a, b in zip(run["tev"], ref["tev"]))
+
+
+def test_bf16_tracks_fp32() -> None:
+    (ref,) = dist_result(__name__, 1, "reference")
+    run = dist_result(__name__, 4, "tp2_dp2")[0]["bf16"]
+    assert run["dtype"] == "torch.bfloat16"
+    assert max(_rel(a, b) for a, b in zip(run["loss"], ref["loss"])) <= BF16_REL
+    assert all(g > CLIP for g in run["grad_norm"])
+
+
+@dist_case(2)
+def optimizer_state() -> dict:
+    """exp_avg / exp_avg_sq elements on this rank at DP=2, and what the layout predicts."""
+    from mlra_mega.train.callbacks import Callback
+
+    class Grab(Callback):
+        def on_fit_end(self, trainer) -> None:
+            inner = trainer.engine.optimizer.optimizer
+            self.state = {k: sum(s[k].numel() for s in inner.state.values()) for k in ("exp_avg", "exp_avg_sq")}
+            params = list(trainer.model.parameters())
+            numel = [p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params]
+            self.groups = [sum(n for p, n in zip(params, numel) if (p.dim() >= 2 or hasattr(p, "ds_shape")
+                                                                      and len(p.ds_shape) >= 2) == big)
+                           for big in (True, False)]
+            self.per_param = numel
+
+    out = {}
+    for stage in (1, 2, 3):
+        grab = Grab()
+        _train([f"zero.stage={stage}", "train.steps=1", "model.ffn_hidden_size=101"], [grab])
+        out[stage] = {"state": grab.state, "groups": grab.groups, "per_param": grab.per_param}
+    return out
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_shards_optimizer_state_over_dp(stage: int) -> None:
+    dp = 2
+    for rank in dist_result(__name__, 2, "optimizer_state"):
+        got = rank[stage]
+        total = sum(got["per_param"])
+        if stage < 3:
+            # ZeRO-1/2 flatten each parameter group and pad it to a multiple of 2 x DP elements
+            # (DeepSpeed's alignment factor 2), then give each rank 1/DP of it.
+            expected = sum(math.ceil(n / (2 * dp)) * 2 for n in got["groups"])
+        else:
+            # ZeRO-3 partitions every parameter on its own, padded to a multiple of DP.
+            expected = sum(math.ceil(n / dp) for n in got["per_param"])
+        assert got["state"]["exp_avg"] == got["state"]["exp_avg_sq"] == expected
+        assert 0 < expected - total / dp <= len(got["per_param"])  # the ffn of 101 forces some padding
+
+
+@dist_case(2)
+def tev_at_tp2() -> tuple[list[float], list[float]]:
+    """TEV the trainer records at TP=2 vs TEV of the gathered full embedding, same steps."""
+    from mlra_mega.metrics.tev import compute_tev
+    from mlra_mega.model.convert import full_state_dict
+    from mlra_mega.train.callbacks import Callback
+
+    class Gathered(Callback):
+        recorded: list[float] = []
+        gathered: list[float] = []
+
+        def on_step_end(self, trainer, m) -> None:
+            if m.tev_mean is not None:
+                full = full_state_dict(trainer.model)["embedding.word_embeddings.weight"]
+                self.recorded.append(m.tev_mean)
+                self.gathered.append(compute_tev(full, trainer.cfg.model.vocab_size).mean)
+
+    probe = Gathered()
+    _train(["zero.stage=1", "parallel.tensor=2", "metrics.tev_interval=2", "train.steps=4"], [probe])
+    return probe.recorded, probe.gathered
+
+
+def test_tev_at_tp2_equals_tev_of_the_gathered_embedding() -> None:
+    for recorded, gathered in dist_result(__name__, 2, "tev_at_tp2"):
+        assert len(recorded) == 2
+        assert all(_rel(a, b) <= 1e-9 for a, b in zip(recorded, gathered))
+
+
+def test_deepspeed_launcher(tmp_path: Path) -> None:
+    (ref,) = dist_result(__name__, 1, "reference")
+    run_dir = tmp_path / "run"
+    cmd = ["deepspeed", "--num_gpus", "2", str(REPO / "launchers" / "train.py"), str(REPO / "configs" / "quickstart.yaml"),
+           *_overrides(["zero.stage=1", "parallel.tensor=2", f"run.dir={run_dir}", "metrics.tev_interval=4"])]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    run = {"loss": [r["loss"] for r in records], "grad_norm": [r["grad_norm"] for r in records]}
+    _check(run, ref, REL)
+    assert json.loads((run_dir / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 1
+
+
+LAYOUT_ERRORS = [
+    (["parallel.tensor=2"], 3, "parallel.tensor", "does not divide the world size 3"),
+    (["train.global_batch_size=8", "train.micro_batch_size=2"], 8, "train.global_batch_size",
+     "not divisible by micro_batch_size x data-parallel size = 2 x 8"),
+]
+
+
+@pytest.mark.parametrize("overrides,world,field,words", LAYOUT_ERRORS, ids=[e[2] for e in LAYOUT_ERRORS])
+def test_invalid_layouts(overrides: list[str], world: int, field: str, words: str) -> None:
+    cfg = load_config(None, ["model.vocab_size=256", "model.num_heads=4", "model.hidden_size=64", *overrides])
+    with pytest.raises(ConfigError) as info:
+        validate_layout(cfg, world)
+    assert info.value.field == field and words in str(info.value) and info.value.fix
+
+
+@pytest.mark.parametrize("overrides,field,words", [
+    (["parallel.pipeline=2", "zero.stage=2"], "zero.stage", "ZeRO-2 cannot combine with pipeline parallelism"),
+    (["parallel.pipeline=2", "zero.stage=3"], "zero.stage", "ZeRO-3 cannot combine with pipeline parallelism"),
+    (["parallel.pipeline=2", "zero.stage=1"], "parallel.pipeline", "not supported yet"),
+    (["parallel.sequence_parallel=true"], "parallel.sequence_parallel", "needs tensor parallelism"),
+    (["zero.stage=5"], "zero.stage", "0, 1, 2 or 3"),
+])
+def test_invalid_parallel_configs(overrides: list[str], field: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert info.value.field == field and words in str(info.value)
+
+
+def test_train_cli_refuses_a_bad_layout_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mlra_mega.cli import main
+
+    assert main(["train", str(REPO / "configs" / "quickstart.yaml"), "parallel.tensor=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "parallel.tensor: 2 does not divide the world size 1" in err
+
+
+def test_lr_schedule() -> None:
+    optim = load_config(None, ["optim.lr=1.0", "optim.min_lr=0.1", "optim.warmup_steps=4"]).optim
+    assert [lr_factor(s, optim, 14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, optim, 14) == 1.0 and lr_factor(14, optim, 14) == pytest.approx(0.1)
+    assert lr_factor(9, optim, 14) == pytest.approx(0.55)  # half-way through the cosine
+
+
+def test_deepspeed_config_template_and_ours_win(tmp_path: Path) -> None:
+    template = tmp_path / "ds.json"
+    template.write_text(json.dumps({"train_batch_size": 999, "zero_optimization": {"stage": 3, "overlap_comm": True},
+                                    "gradient_clipping": 7.0, "wall_clock_breakdown": True}))
+    cfg = load_config(None, [f"zero.template={template}", "zero.stage=2", "train.global_batch_size=16",
+                             "train.micro_batch_size=2", "optim.clip_grad=0.5"])
+    ds = deepspeed_config(cfg, dp_size=4)
+    assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 2
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}  # template fields we do not model stay
+    assert ds["gradient_clipping"] == 0.5 and ds["wall_clock_breakdown"] is True
+    for name in ("zero1", "zero2", "zero3"):
+        shipped = load_config(None, [f"zero.template={REPO / 'ds_configs' / (name + '.json')}"])
+        assert deepspeed_config(shipped, 1)["zero_optimization"]["stage"] == shipped.zero.stage
+    with pytest.raises(ConfigError, match="zero.template: .* not found"):
+        deepspeed_config(load_config(None, ["zero.template=/nope.json"]), 1)
