@@ -49,6 +49,10 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     tev_text = f", TEV {tev.tev_mean:.5f} +- {tev.tev_std:.5f}" if tev else ""
     log(f"[quickstart] final loss {last.loss:.4f} (first {first.loss:.4f}), perplexity {math.exp(last.loss):.2f}"
         f"{tev_text}, {sum(m.step_time_s for m in history):.1f}s; run dir {run_dir}")
+    if cfg.tracking.enabled:
+        from mlra_mega.tracking.mlflow import tracking_uri, ui_command
+
+        log(f"[quickstart] look at it in MLflow: {ui_command(tracking_uri(cfg))}")
     return 0
 
 
@@ -56,7 +60,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from mlra_mega.config import load_config
     from mlra_mega.train.run import train
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    cfg = load_config(args.config, overrides)
     history, run_dir = train(cfg)
     if history and torch_rank() == 0:
         last = history[-1]
@@ -68,6 +75,13 @@ def torch_rank() -> int:
     from mlra_mega.distributed import launch_env
 
     return launch_env().rank
+
+
+def _cmd_export_hf(args: argparse.Namespace) -> int:
+    from mlra_mega.export import export_hf
+
+    export_hf(args.checkpoint, args.output)
+    return 0
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
@@ -104,8 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      "the deepspeed launcher / srun)")
     p.add_argument("config", help="YAML file")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.add_argument("--resume", default=None, metavar="auto|never|PATH",
+                   help="auto (default): continue run.dir's newest complete checkpoint; never; or a checkpoint")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("export-hf", help="a checkpoint -> a Hugging Face GPT-2 directory (weights, config, tokenizer)")
+    p.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a checkpoint, a run's checkpoints/ or a run directory")
+    p.add_argument("output", metavar="OUTPUT_DIR")
+    p.set_defaults(func=_cmd_export_hf)
 
     p = sub.add_parser("tokenizer", help="sentencepiece tokenizers")
     tok = p.add_subparsers(dest="tokenizer_command", required=True)

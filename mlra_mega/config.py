@@ -221,10 +221,14 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = False
     log_interval: int = 1
+    stop_at: int | None = None  # stop after this step with a checkpoint, to continue later (chunked runs)
 
     def validate(self, prefix: str = "train") -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "log_interval"):
             _require_positive(f"{prefix}.{name}", getattr(self, name))
+        if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
+            raise ConfigError(f"{prefix}.stop_at", f"must be in [1, train.steps={self.steps}], got {self.stop_at}",
+                              "give a step to stop after, or null to run to the end")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"{prefix}.global_batch_size",
                               f"{self.global_batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}",
@@ -287,11 +291,14 @@ class CheckpointConfig:
 
     interval: int = 0
     keep: int = 2
+    resume: str = "auto"  # auto: continue run.dir's newest complete checkpoint; never; or a path
 
     def validate(self, prefix: str = "checkpoint") -> None:
         if self.interval < 0:
             raise ConfigError(f"{prefix}.interval", f"must be >= 0, got {self.interval}", "use 0 for the end only")
         _require_positive(f"{prefix}.keep", self.keep)
+        if not self.resume:
+            raise ConfigError(f"{prefix}.resume", "is empty", "use auto, never, or a checkpoint path")
 
 
 @dataclass

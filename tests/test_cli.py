@@ -63,6 +63,17 @@ def test_quickstart_smoke_learns(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert loss < first - 0.8  # 40 AdamW steps on the sample corpus: the loss must fall
     assert "TEV" in final[0]
     assert (tmp_path / "quickstart-data" / "sample.idx").is_file()
+    uri = f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert f"[quickstart] look at it in MLflow: mlflow ui --backend-store-uri {uri}" in out
+    # The embedded MLflow store holds the run, with a loss and a TEV value for every step.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    assert run.info.status == "FINISHED"
+    for key in ("loss", "tev_mean", "tev_std", "grad_norm", "tokens_per_s"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == list(range(1, 41)), key
+    assert client.get_metric_history(run.info.run_id, "val_ppl")
     # A second run reuses the tokenizer and dataset rather than making them again.
     assert main(["quickstart", "train.steps=1", f"run.root={tmp_path}"]) == 0
     assert "[tokenizer]" not in capsys.readouterr().out

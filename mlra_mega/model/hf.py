@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -20,7 +21,7 @@ from mlra_mega.config import ModelConfig
 from mlra_mega.errors import ConfigError
 from mlra_mega.model.convert import full_state_dict, mlra_to_mha
 
-__all__ = ["check_exportable", "hf_config", "hf_state_dict", "to_hf"]
+__all__ = ["check_exportable", "hf_config", "hf_state_dict", "to_hf", "hf_tokenizer"]
 
 
 def check_exportable(cfg: ModelConfig) -> None:
@@ -96,3 +97,28 @@ def to_hf(model: torch.nn.Module, cfg: ModelConfig):
     if missing or unexpected:
         raise RuntimeError(f"GPT-2 export mismatch: missing {missing}, unexpected {unexpected}")
     return hf.eval()
+
+
+def hf_tokenizer(tokenizer_model: Path):
+    """A transformers fast tokenizer that encodes exactly like the sentencepiece model.
+
+    Built with transformers' own converter from the sentencepiece proto (normalizer, dummy
+    prefix, whitespace handling and byte fallback follow the model's settings), so
+    `AutoTokenizer.from_pretrained` on the saved directory gives our token ids.
+    """
+    from sentencepiece import sentencepiece_model_pb2
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import SpmConverter
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(tokenizer_model).read_bytes())
+    pieces = list(proto.pieces)
+    bpe = proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE
+    vocab = {p.piece: i for i, p in enumerate(pieces)} if bpe else [(p.piece, p.score) for p in pieces]
+    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab)
+    if backend is None:
+        raise ConfigError("tokenizer", f"{tokenizer_model}: sentencepiece model type "
+                          f"{proto.trainer_spec.model_type} cannot be converted", "use a bpe or unigram tokenizer")
+    unk = pieces[proto.trainer_spec.unk_id].piece
+    eos = pieces[proto.trainer_spec.eos_id].piece if proto.trainer_spec.eos_id >= 0 else None
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=unk, eos_token=eos)

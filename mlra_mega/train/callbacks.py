@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from mlra_mega.train.trainer import StepMetrics, Trainer
 
-__all__ = ["Callback", "ConsoleLogger", "MetricsFile"]
+__all__ = ["Callback", "ConsoleLogger", "MetricsFile", "RunSummary"]
 
 
 class Callback:
@@ -75,10 +75,22 @@ class ConsoleLogger(Callback):
 
 
 class MetricsFile(Callback):
-    """`<run dir>/metrics.jsonl`: one JSON object per step (and per evaluation), rank 0 only."""
+    """`<run dir>/metrics.jsonl`: one JSON object per step (and per evaluation), rank 0 only.
+
+    It is the ground truth of a run. On resume it is cut back to the checkpoint's step first, so
+    the steps redone after a crash appear once.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        if trainer.ctx.is_main and trainer.step > 0 and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= trainer.step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
 
     def _write(self, trainer: "Trainer", record: dict[str, Any]) -> None:
         if trainer.ctx.is_main:
@@ -90,3 +102,24 @@ class MetricsFile(Callback):
 
     def on_eval_end(self, trainer: "Trainer", step: int, metrics: dict[str, float]) -> None:
         self._write(trainer, {"step": step, **metrics})
+
+
+class RunSummary(Callback):
+    """`<run dir>/summary.json` at the end: last metrics, last evaluation, steps, wall time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.last: dict[str, Any] = {}
+        self.eval: dict[str, float] = {}
+        self._start = time.time()
+
+    def on_step_end(self, trainer: "Trainer", m: "StepMetrics") -> None:
+        self.last = m.as_dict()
+
+    def on_eval_end(self, trainer: "Trainer", step: int, metrics: dict[str, float]) -> None:
+        self.eval = {"step": step, **metrics}
+
+    def on_fit_end(self, trainer: "Trainer") -> None:
+        if trainer.ctx.is_main:
+            self.path.write_text(json.dumps({"steps": trainer.step, "final": self.last, "eval": self.eval,
+                                             "wall_time_s": time.time() - self._start}, indent=2) + "\n")

@@ -24,7 +24,8 @@ from mlra_mega.config import ConfigError, RunConfig, to_dict
 from mlra_mega.data.datasets import SampleOrder, TrainBatches, build_datasets
 from mlra_mega.data.tokenizer import check_vocab, load_tokenizer
 from mlra_mega.distributed import ParallelContext, launch_env
-from mlra_mega.train.callbacks import Callback, ConsoleLogger, MetricsFile
+from mlra_mega.train.callbacks import Callback, ConsoleLogger, MetricsFile, RunSummary
+from mlra_mega.train.checkpoint import Checkpointer, check_compatible, find_checkpoint, read_sidecar
 from mlra_mega.train.trainer import StepMetrics, Trainer
 
 __all__ = ["validate_layout", "resolve_run_dir", "train"]
@@ -50,10 +51,43 @@ def resolve_run_dir(cfg: RunConfig, ctx: ParallelContext) -> Path:
     """`run.dir`, or `<run.root>/<experiment>/<run.name or rank 0's timestamp>`."""
     if cfg.run.dir:
         return Path(cfg.run.dir)
-    name = [cfg.run.name or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")]
+    parent = Path(cfg.run.root) / cfg.tracking.experiment
+    name = [cfg.run.name]
+    if name[0] is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        name[0], n = stamp, 1
+        while (parent / name[0]).exists():  # a new directory per run, even within one second
+            n += 1
+            name[0] = f"{stamp}-{n}"
     if ctx.world_size > 1:
         dist.broadcast_object_list(name, src=0)  # one name for the whole job
-    return Path(cfg.run.root) / cfg.tracking.experiment / name[0]
+    return parent / name[0]
+
+
+def _checkpoint_to_resume(cfg: RunConfig, run_dir: Path, tp: int, dp: int):
+    """(checkpoint, sidecar) to continue from, per `checkpoint.resume`, or (None, None)."""
+    resume = cfg.checkpoint.resume
+    if resume == "never":
+        if (run_dir / "metrics.jsonl").exists():
+            raise ConfigError("checkpoint.resume", f"is never, but {run_dir} already holds a run",
+                              "give a new run.dir, or use checkpoint.resume=auto to continue it")
+        return None, None
+    if resume == "auto":
+        ckpt = find_checkpoint(run_dir)
+        if ckpt is None:
+            return None, None
+    else:
+        ckpt = find_checkpoint(Path(resume))
+        if ckpt is None:
+            raise ConfigError("checkpoint.resume", f"no complete checkpoint at {resume}",
+                              "give a checkpoint directory, a run's checkpoints/ directory or a run directory")
+    sidecar = read_sidecar(ckpt)
+    check_compatible(ckpt, sidecar, cfg, tp, dp)
+    if sidecar["step"] >= cfg.train.steps:
+        raise ConfigError("checkpoint.resume", f"the run in {run_dir} already finished ({ckpt.tag}, "
+                          f"train.steps={cfg.train.steps})",
+                          "start a new run.dir, or use checkpoint.resume=never with a new run.dir")
+    return ckpt, sidecar
 
 
 def _with_tokenizer_vocab(cfg: RunConfig):
@@ -91,14 +125,24 @@ def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), log: Callable[[str
             add_sequence_parallel_grad_hooks(model, parallel_state.get_tensor_model_parallel_group())
         engine, ds_cfg = build_engine(cfg, model.to(ctx.device), dp)
         run_dir = resolve_run_dir(cfg, ctx)
+        ckpt, sidecar = _checkpoint_to_resume(cfg, run_dir, ctx.tp_size, dp)
         if ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             (run_dir / "deepspeed.json").write_text(json.dumps(ds_cfg, indent=2) + "\n")
             log(f"[train] run dir {run_dir}; {ctx.world_size} processes = tensor {ctx.tp_size} x data {ctx.dp_size}, "
-                f"ZeRO-{cfg.zero.stage}, {cfg.train.precision}")
-        trainer = Trainer(cfg, ctx, engine, batches, data.valid,
-                          [ConsoleLogger(), MetricsFile(run_dir / "metrics.jsonl"), *callbacks])
+                f"ZeRO-{cfg.zero.stage}, {cfg.train.precision}"
+                + (f"; resuming {ckpt.path} at step {sidecar['step']}" if ckpt else ""))
+        standard: list[Callback] = [ConsoleLogger(), MetricsFile(run_dir / "metrics.jsonl"),
+                                    RunSummary(run_dir / "summary.json")]
+        if cfg.tracking.enabled:
+            from mlra_mega.tracking.mlflow import MLflowLogger
+
+            standard.append(MLflowLogger(cfg, run_dir))
+        checkpointer = Checkpointer(cfg, run_dir, Path(cfg.data.tokenizer))
+        trainer = Trainer(cfg, ctx, engine, batches, data.valid, [*standard, *callbacks, checkpointer])
+        if ckpt is not None:
+            trainer.restore(ckpt, sidecar)
         history = trainer.fit()
         return history, run_dir
     finally:

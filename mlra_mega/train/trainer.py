@@ -113,6 +113,18 @@ class Trainer:
                            tokens_per_s=tp.tokens_per_s, tflops_per_device=tp.tflops_per_device, mfu=tp.mfu,
                            tev_mean=tev.mean if tev else None, tev_std=tev.std if tev else None)
 
+    def restore(self, checkpoint: Any, sidecar: dict[str, Any]) -> None:
+        """Engine state, RNG, step, data position and callback states from a checkpoint."""
+        from mlra_mega.train.checkpoint import load_checkpoint
+
+        load_checkpoint(self.engine, checkpoint)
+        self.step = int(sidecar["step"])
+        self.batches.load_state_dict({"consumed_samples": int(sidecar["consumed_samples"])})
+        for cb in self.callbacks:
+            state = sidecar["callbacks"].get(type(cb).__name__)
+            if state:
+                cb.load_state_dict(state)
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean loss over the first `eval.iters` global batches of the validation split."""
@@ -132,14 +144,15 @@ class Trainer:
         history = []
         for cb in self.callbacks:
             cb.on_fit_start(self)
-        while self.step < self.cfg.train.steps:
+        end = self.cfg.train.stop_at or self.cfg.train.steps
+        while self.step < end:
             metrics = self.train_step()
             history.append(metrics)
             for cb in self.callbacks:
                 cb.on_step_end(self, metrics)
             ev = self.cfg.eval
             if self.valid_dataset is not None and ev.interval and (self.step % ev.interval == 0
-                                                                   or self.step == self.cfg.train.steps):
+                                                                   or self.step == end):
                 result = self.evaluate()
                 for cb in self.callbacks:
                     cb.on_eval_end(self, self.step, result)

@@ -1,0 +1,72 @@
+"""`mlra-mega export-hf`: a checkpoint (any TP size, any ZeRO stage) -> a Hugging Face directory.
+
+Reads the checkpoint's sidecar (the model config) and its per-TP-rank full parameter files
+(written by every checkpoint, ZeRO-3 rows gathered), merges the TP shards with the converter
+into one TP = 1 model in this process, and writes `to_hf`'s GPT2LMHeadModel (config and
+safetensors weights) and the tokenizer (a fast tokenizer converted from the sentencepiece model,
+plus the model file itself) to OUTPUT_DIR, through a temporary directory renamed when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from mlra_mega.config import ConfigError, ParallelConfig, RunConfig, from_dict
+
+__all__ = ["load_checkpoint_model", "export_hf"]
+
+
+def load_checkpoint_model(checkpoint: str | Path):
+    """(TP = 1 model with the checkpoint's weights, its RunConfig, the checkpoint)."""
+    from mlra_mega.model.build import build_model
+    from mlra_mega.model.convert import load_shard, merge_shards, partition_dims
+    from mlra_mega.train.checkpoint import find_checkpoint, read_sidecar
+
+    ckpt = find_checkpoint(Path(checkpoint))
+    if ckpt is None:
+        raise ConfigError("checkpoint", f"no complete checkpoint at {checkpoint}",
+                          "give a checkpoint directory (step...), a run's checkpoints/ or a run directory")
+    sidecar = read_sidecar(ckpt)
+    cfg: RunConfig = from_dict(RunConfig, sidecar["config"])
+    cfg.validate()
+    files = sorted((ckpt.path / "model").glob("tp*.pt"))
+    if len(files) != sidecar["layout"]["tensor"]:
+        raise ConfigError("checkpoint", f"{ckpt.path} holds {len(files)} of {sidecar['layout']['tensor']} TP shards",
+                          "export a complete checkpoint")
+    model = build_model(cfg.model, tensor_parallel=1)
+    shards = [torch.load(f, weights_only=True, map_location="cpu") for f in files]
+    load_shard(model, merge_shards(shards, partition_dims(model)))
+    return model.eval(), cfg, ckpt
+
+
+def export_hf(checkpoint: str | Path, output_dir: str | Path, log=print) -> Path:
+    """Writes the Hugging Face directory; returns its path."""
+    from mlra_mega import distributed
+    from mlra_mega.model.hf import check_exportable, hf_tokenizer, to_hf
+
+    out = Path(output_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError("OUTPUT_DIR", f"{out} exists and is not empty", "choose a new or empty directory")
+    distributed.setup(ParallelConfig(tensor=1), seed=0)
+    try:
+        model, cfg, ckpt = load_checkpoint_model(checkpoint)
+        check_exportable(cfg.model)
+        hf = to_hf(model, cfg.model)
+        tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        hf.save_pretrained(tmp)
+        tok_model = ckpt.path / "tokenizer" / "tokenizer.model"
+        if tok_model.is_file():
+            hf_tokenizer(tok_model).save_pretrained(tmp)
+            shutil.copy(tok_model, tmp / "tokenizer.model")
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+        log(f"[export-hf] {ckpt.path} ({cfg.model.attention}, {cfg.model.num_layers} layers) -> {out}")
+        return out
+    finally:
+        distributed.teardown()

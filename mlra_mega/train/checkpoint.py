@@ -1,0 +1,260 @@
+"""Checkpoints: DeepSpeed's shards plus our sidecar, a manifest, and an atomic `latest` pointer.
+
+Layout of `<run dir>/checkpoints/`:
+
+    step00000100/                  one checkpoint (a "tag")
+      <DeepSpeed's files>          model / optimizer / scheduler shards of every rank
+      model/tp00.pt ...            this TP rank's full parameters (DP rank 0 of each TP group
+                                   writes it; ZeRO-3 rows gathered first): what export reads
+      rng/rank00000.pt ...         every rank's RNG states (torch, numpy, python, megatron's tracker)
+      sidecar.pt                   resolved config, data position, step, callback states (MLflow run
+                                   id among them), package versions, layout; rank 0
+      tokenizer/                   a copy of the tokenizer model and card
+      manifest.json                every file above with its size; written last
+    latest                         the tag of the newest complete checkpoint, replaced atomically
+
+DeepSpeed's own non-atomic `latest` is not written (`save_latest=False`). A checkpoint counts
+only when its manifest exists and every file in it has its recorded size. Sidecars and RNG files
+hold plain types and tensors only, and are loaded with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mlra_mega.config import ConfigError, RunConfig, flatten, to_dict
+from mlra_mega.train.callbacks import Callback
+
+__all__ = ["Checkpointer", "Checkpoint", "tag_for", "save_checkpoint", "find_checkpoint", "load_checkpoint", "check_compatible",
+           "read_sidecar", "is_complete", "package_versions", "rng_state", "set_rng_state"]
+
+LATEST = "latest"
+MANIFEST = "manifest.json"
+SIDECAR = "sidecar.pt"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path  # the tag directory
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    @property
+    def tag(self) -> str:
+        return self.path.name
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in ("mlra_mega", "torch", "megatron-core", "deepspeed", "sentencepiece", "mlflow", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def rng_state() -> dict[str, Any]:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "tracker": {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    get_cuda_rng_tracker().set_states({k: v.clone() for k, v in state["tracker"].items()})
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _model_shard(engine: Any) -> dict[str, torch.Tensor]:
+    """This rank's parameters, whole (ZeRO-3: gathered over DP; a collective there)."""
+    params = dict(engine.module.named_parameters())
+    if any(hasattr(p, "ds_id") for p in params.values()):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+            return {n: p.detach().clone().cpu() for n, p in params.items()}
+    return {n: p.detach().clone().cpu() for n, p in params.items()}
+
+
+def _write_manifest(path: Path) -> None:
+    files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    tmp = path / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"files": files}, indent=1) + "\n")
+    os.replace(tmp, path / MANIFEST)
+
+
+def is_complete(path: Path) -> bool:
+    """The manifest is there and every file it lists has its recorded size."""
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all((path / name).is_file() and (path / name).stat().st_size == size for name, size in files.items())
+
+
+def _replace_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(engine: Any, root: Path, step: int, sidecar: dict[str, Any], *, is_main: bool,
+                    dp_rank: int, tp_rank: int, tokenizer_dir: Path | None, keep: int) -> Checkpoint:
+    """Writes checkpoint `step` under `root` on every rank; rank 0 then points `latest` at it."""
+    tag = tag_for(step)
+    path = root / tag
+    engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
+    shard = _model_shard(engine)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    (path / "rng").mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), path / "rng" / f"rank{rank:05d}.pt")
+    if dp_rank == 0:
+        (path / "model").mkdir(exist_ok=True)
+        torch.save(shard, path / "model" / f"tp{tp_rank:02d}.pt")
+    if is_main:
+        torch.save(sidecar, path / SIDECAR)
+        if tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, path / "tokenizer", dirs_exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()  # every shard is on disk before the manifest and the pointer
+    if is_main:
+        _write_manifest(path)
+        _replace_text(root / LATEST, tag + "\n")
+        complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step") and is_complete(p))
+        for old in complete[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return Checkpoint(path)
+
+
+def find_checkpoint(where: Path) -> Checkpoint | None:
+    """The newest complete checkpoint at `where`: a tag dir, a checkpoints dir or a run dir."""
+    if (where / MANIFEST).exists():
+        return Checkpoint(where) if is_complete(where) else None
+    root = where / "checkpoints" if (where / "checkpoints").is_dir() else where
+    if not root.is_dir():
+        return None
+    pointer = root / LATEST
+    if pointer.is_file():
+        tagged = root / pointer.read_text().strip()
+        if is_complete(tagged):
+            return Checkpoint(tagged)
+    # The pointer is missing or names a checkpoint that is not whole: fall back to the newest whole one.
+    complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step") and is_complete(p))
+    return Checkpoint(complete[-1]) if complete else None
+
+
+def read_sidecar(ckpt: Checkpoint) -> dict[str, Any]:
+    return torch.load(ckpt.path / SIDECAR, weights_only=True)
+
+
+def check_compatible(ckpt: Checkpoint, sidecar: dict[str, Any], cfg: RunConfig, tp: int, dp: int) -> None:
+    """The checkpoint's model and layout are this run's, or a ConfigError naming what differs."""
+    saved = {k: v for k, v in _flat(sidecar["config"]).items() if k.startswith("model.")}
+    current = {k: v for k, v in flatten(cfg).items() if k.startswith("model.")}
+    differ = [f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+              if saved.get(k) != current.get(k)]
+    if differ:
+        raise ConfigError("checkpoint", f"{ckpt.path} was made by a different model: {', '.join(differ)}",
+                          "resume with the model config it was made with, or start a new run.dir")
+    layout = sidecar["layout"]
+    now = {"tensor": tp, "data": dp, "zero_stage": cfg.zero.stage}
+    changed = [f"{k} {layout[k]} -> {now[k]}" for k in now if layout[k] != now[k]]
+    if changed:
+        raise ConfigError("checkpoint", f"{ckpt.path} was written at another layout: {', '.join(changed)}",
+                          "resume with the same parallel.tensor, world size and zero.stage")
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def load_checkpoint(engine: Any, ckpt: Checkpoint) -> None:
+    """DeepSpeed's shards into the engine, and this rank's RNG states back."""
+    load_path, _ = engine.load_checkpoint(str(ckpt.root), tag=ckpt.tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise ConfigError("checkpoint", f"DeepSpeed found nothing to load in {ckpt.path}",
+                          "point --resume at a checkpoint written by this framework")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    set_rng_state(torch.load(ckpt.path / "rng" / f"rank{rank:05d}.pt", weights_only=True))
+
+
+def sidecar_for(cfg: RunConfig, step: int, consumed_samples: int, callbacks: dict[str, Any], tp: int, dp: int,
+                finished: bool) -> dict[str, Any]:
+    return {"step": step, "consumed_samples": consumed_samples, "config": to_dict(cfg), "callbacks": callbacks,
+            "versions": package_versions(), "layout": {"tensor": tp, "data": dp, "zero_stage": cfg.zero.stage},
+            "finished": finished}
+
+
+class Checkpointer(Callback):
+    """A checkpoint every `checkpoint.interval` steps and at the last step (put it last).
+
+    Anything with a `flush()` (the MLflow logger) is flushed first, so what a checkpoint says
+    was logged has been sent.
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, tokenizer_dir: Path | None) -> None:
+        self.cfg, self.root, self.tokenizer_dir = cfg, run_dir / "checkpoints", tokenizer_dir
+        self.last: Checkpoint | None = None
+
+    def on_step_end(self, trainer: Any, metrics: Any) -> None:
+        interval, t = self.cfg.checkpoint.interval, self.cfg.train
+        if metrics.step in (t.steps, t.stop_at) or (interval and metrics.step % interval == 0):
+            self.save(trainer)
+
+    def save(self, trainer: Any) -> Checkpoint:
+        for cb in trainer.callbacks:
+            if hasattr(cb, "flush"):
+                cb.flush()
+        states = {type(cb).__name__: cb.state_dict() for cb in trainer.callbacks}
+        ctx = trainer.ctx
+        sidecar = sidecar_for(self.cfg, trainer.step, trainer.batches.consumed_samples, states, ctx.tp_size,
+                              ctx.dp_size, finished=trainer.step >= self.cfg.train.steps)
+        self.last = save_checkpoint(trainer.engine, self.root, trainer.step, sidecar, is_main=ctx.is_main,
+                                    dp_rank=ctx.dp_rank, tp_rank=ctx.tp_rank, tokenizer_dir=self.tokenizer_dir,
+                                    keep=self.cfg.checkpoint.keep)
+        return self.last

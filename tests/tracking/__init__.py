@@ -1,0 +1,1 @@
+"""Tests of mlra_mega.tracking."""
