@@ -1,8 +1,8 @@
 """`mlra-mega`: the command line. Errors a user can cause print one line and exit with 2.
 
-Commands grow with the framework; today: `quickstart` (the main job on embedded defaults),
-`config` (load, validate and print a resolved configuration), `tokenizer train` and
-`preprocess` (the data pipeline).
+Commands: `quickstart` (the main job on embedded defaults), `train` (any config, any launcher),
+`export-hf` (a checkpoint to Hugging Face), `tokenizer train` and `preprocess` (the data
+pipeline), `config` (load, validate and print a resolved configuration).
 """
 
 from __future__ import annotations
@@ -65,16 +65,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"checkpoint.resume={args.resume}")
     cfg = load_config(args.config, overrides)
     history, run_dir = train(cfg)
-    if history and torch_rank() == 0:
+    from mlra_mega.distributed import launch_env
+
+    if history and launch_env().rank == 0:
         last = history[-1]
         print(f"[train] done: step {last.step}, loss {last.loss:.4f}; metrics in {run_dir / 'metrics.jsonl'}")
     return 0
-
-
-def torch_rank() -> int:
-    from mlra_mega.distributed import launch_env
-
-    return launch_env().rank
 
 
 def _cmd_export_hf(args: argparse.Namespace) -> int:
