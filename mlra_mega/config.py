@@ -292,6 +292,7 @@ class CheckpointConfig:
     interval: int = 0
     keep: int = 2
     resume: str = "auto"  # auto: continue run.dir's newest complete checkpoint; never; or a path
+    sigterm_save_s: float = 20.0  # on SIGTERM, save only if the last save took at most this long
 
     def validate(self, prefix: str = "checkpoint") -> None:
         if self.interval < 0:

@@ -24,6 +24,7 @@ import json
 import os
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -240,6 +241,7 @@ class Checkpointer(Callback):
     def __init__(self, cfg: RunConfig, run_dir: Path, tokenizer_dir: Path | None) -> None:
         self.cfg, self.root, self.tokenizer_dir = cfg, run_dir / "checkpoints", tokenizer_dir
         self.last: Checkpoint | None = None
+        self.last_save_s: float | None = None  # how long the last save took (the SIGTERM budget test)
 
     def on_step_end(self, trainer: Any, metrics: Any) -> None:
         interval, t = self.cfg.checkpoint.interval, self.cfg.train
@@ -254,7 +256,9 @@ class Checkpointer(Callback):
         ctx = trainer.ctx
         sidecar = sidecar_for(self.cfg, trainer.step, trainer.batches.consumed_samples, states, ctx.tp_size,
                               ctx.dp_size, finished=trainer.step >= self.cfg.train.steps)
+        start = time.perf_counter()
         self.last = save_checkpoint(trainer.engine, self.root, trainer.step, sidecar, is_main=ctx.is_main,
                                     dp_rank=ctx.dp_rank, tp_rank=ctx.tp_rank, tokenizer_dir=self.tokenizer_dir,
                                     keep=self.cfg.checkpoint.keep)
+        self.last_save_s = time.perf_counter() - start
         return self.last

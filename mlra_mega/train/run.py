@@ -26,6 +26,7 @@ from mlra_mega.data.tokenizer import check_vocab, load_tokenizer
 from mlra_mega.distributed import ParallelContext, launch_env
 from mlra_mega.train.callbacks import Callback, ConsoleLogger, MetricsFile, RunSummary
 from mlra_mega.train.checkpoint import Checkpointer, check_compatible, find_checkpoint, read_sidecar
+from mlra_mega.train.signals import PREEMPTED, PreemptionGuard, install_handlers, restore_handlers
 from mlra_mega.train.trainer import StepMetrics, Trainer
 
 __all__ = ["validate_layout", "resolve_run_dir", "train"]
@@ -140,10 +141,19 @@ def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), log: Callable[[str
 
             standard.append(MLflowLogger(cfg, run_dir))
         checkpointer = Checkpointer(cfg, run_dir, Path(cfg.data.tokenizer))
-        trainer = Trainer(cfg, ctx, engine, batches, data.valid, [*standard, *callbacks, checkpointer])
+        guard = PreemptionGuard(run_dir, checkpointer, cfg.checkpoint.sigterm_save_s)
+        trainer = Trainer(cfg, ctx, engine, batches, data.valid, [*standard, *callbacks, checkpointer, guard])
         if ckpt is not None:
             trainer.restore(ckpt, sidecar)
-        history = trainer.fit()
+        if ctx.is_main:
+            (run_dir / PREEMPTED).unlink(missing_ok=True)  # this job goes on from where that one stopped
+        previous = install_handlers()
+        try:
+            history = trainer.fit()
+        finally:
+            restore_handlers(previous)
+        if trainer.preempted is not None and ctx.is_main:
+            log(f"[train] {trainer.preempted}; {run_dir / PREEMPTED} written")
         return history, run_dir
     finally:
         distributed.teardown(keep_process_group=not owns_process_group)

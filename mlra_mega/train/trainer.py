@@ -141,21 +141,28 @@ class Trainer:
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
     def fit(self) -> list[StepMetrics]:
+        """Steps to `train.stop_at` or `train.steps`, or until a preemption stops the run."""
+        from mlra_mega.train.signals import Preempted
+
         history = []
+        self.preempted: Preempted | None = None
         for cb in self.callbacks:
             cb.on_fit_start(self)
         end = self.cfg.train.stop_at or self.cfg.train.steps
-        while self.step < end:
-            metrics = self.train_step()
-            history.append(metrics)
-            for cb in self.callbacks:
-                cb.on_step_end(self, metrics)
-            ev = self.cfg.eval
-            if self.valid_dataset is not None and ev.interval and (self.step % ev.interval == 0
-                                                                   or self.step == end):
-                result = self.evaluate()
+        try:
+            while self.step < end:
+                metrics = self.train_step()
+                history.append(metrics)
                 for cb in self.callbacks:
-                    cb.on_eval_end(self, self.step, result)
+                    cb.on_step_end(self, metrics)
+                ev = self.cfg.eval
+                if self.valid_dataset is not None and ev.interval and (self.step % ev.interval == 0
+                                                                       or self.step == end):
+                    result = self.evaluate()
+                    for cb in self.callbacks:
+                        cb.on_eval_end(self, self.step, result)
+        except Preempted as stop:
+            self.preempted = stop
         for cb in self.callbacks:
             cb.on_fit_end(self)
         return history

@@ -1,0 +1,117 @@
+"""Preemption: a signal on any rank -> all ranks stop at one step, save, write PREEMPTED, exit 0;
+the resumed run ends where an uninterrupted one does, with the same numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+import pytest
+
+from mlra_mega.train.signals import PREEMPTED, Preempted, PreemptionGuard, install_handlers, restore_handlers
+from tests.train.test_checkpoint import overrides, steps
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 300
+KEYS = ("loss", "lr", "grad_norm", "consumed_samples")
+
+
+def launch(args: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "mlra_mega",
+           "train", str(REPO / "configs" / "quickstart.yaml"), *args]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
+
+
+def wait_for_steps(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not ((run_dir / "metrics.jsonl").is_file() and len(steps(run_dir)) >= n):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, "the run did not start"
+        time.sleep(0.1)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300, check: bool = True) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0 or not check, out[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path, sample_dataset: str) -> Path:
+    run = tmp_path_factory.mktemp("sig") / "straight"
+    finish(launch(overrides(tokenizer_dir, sample_dataset, run, f"train.steps={STEPS}", "tracking.enabled=false")))
+    return run
+
+
+@pytest.mark.parametrize("how", ["SIGUSR1 to one worker", "SIGTERM to the torchrun agent"])
+def test_signal_saves_marks_and_the_resumed_run_matches(how: str, straight: Path, tmp_path: Path,
+                                                        tokenizer_dir: Path, sample_dataset: str) -> None:
+    run = tmp_path / "run"
+    args = overrides(tokenizer_dir, sample_dataset, run, f"train.steps={STEPS}", "tracking.enabled=false")
+    proc = launch(args)
+    wait_for_steps(run, 5, proc)
+    if how.startswith("SIGUSR1"):
+        # torchrun's agent does not forward USR1; Slurm's --signal=USR1 reaches each task. One is enough.
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        os.kill(workers[-1].pid, signal.SIGUSR1)
+    else:
+        os.kill(proc.pid, signal.SIGTERM)  # the agent forwards TERM to its workers
+    # The workers end cleanly; an agent that got SIGTERM still exits 1 (its own SignalException):
+    # statuses do not survive torchrun, which is why the marker is the signal to requeue.
+    out = finish(proc, timeout=120, check=how.startswith("SIGUSR1"))
+    marker = json.loads((run / PREEMPTED).read_text())
+    stopped = marker["step"]
+    assert marker["saved"] and marker["signal"] == how.split()[0] and 5 <= stopped < STEPS, out[-2000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step{stopped:08d}"
+    assert [r["step"] for r in steps(run)] == list(range(1, stopped + 1))
+
+    finish(launch(args))  # the requeued job: resume auto from the same run.dir
+    assert not (run / PREEMPTED).exists()
+    resumed, reference = steps(run), steps(straight)
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    for a, b in zip(resumed, reference):
+        assert all(a[k] == b[k] for k in KEYS), a["step"]
+
+
+class _Saver:
+    def __init__(self, last_save_s: float | None) -> None:
+        self.last, self.last_save_s, self.saves = None, last_save_s, 0
+
+    def save(self, trainer) -> None:
+        self.saves += 1
+        self.last = SimpleNamespace(tag=f"step{trainer.step:08d}", path=Path("ckpt"))
+
+
+def _trainer() -> SimpleNamespace:
+    import torch
+
+    return SimpleNamespace(step=7, ctx=SimpleNamespace(device=torch.device("cpu"), is_main=True))
+
+
+def test_sigterm_skips_a_save_that_cannot_finish_in_time(tmp_path: Path) -> None:
+    previous = install_handlers()
+    try:
+        guard = PreemptionGuard(tmp_path, _Saver(last_save_s=45.0), sigterm_save_s=20.0)
+        guard.on_step_end(_trainer(), None)  # no signal: nothing happens
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(Preempted) as info:
+            guard.on_step_end(_trainer(), None)
+        assert not info.value.saved and guard.checkpointer.saves == 0
+        assert json.loads((tmp_path / PREEMPTED).read_text())["saved"] is False
+
+        install_handlers()
+        fast = PreemptionGuard(tmp_path, _Saver(last_save_s=3.0), sigterm_save_s=20.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(Preempted) as info:
+            fast.on_step_end(_trainer(), None)
+        assert info.value.saved and fast.checkpointer.saves == 1
+    finally:
+        restore_handlers(previous)
