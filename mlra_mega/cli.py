@@ -80,6 +80,18 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from mlra_mega.slurm import SubmitOptions, submit
+
+    opts = SubmitOptions(config=args.config, overrides=list(args.overrides), nodes=args.nodes,
+                         gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+                         cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account,
+                         time=args.time, signal_lead_s=args.signal_lead, cpu=args.cpu, job_name=args.job_name)
+    out = submit(opts, dry_run=args.dry_run)
+    print(out if args.dry_run else f"submitted job {out}")
+    return 0
+
+
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from mlra_mega.data.tokenizer import train_tokenizer
 
@@ -118,6 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): continue run.dir's newest complete checkpoint; never; or a checkpoint")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("submit", help="render the Slurm batch script for a run and sbatch it")
+    p.add_argument("config", help="YAML file")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--tasks-per-node", type=int, default=None, help="default: GPUs per node, or 1 with --cpu")
+    p.add_argument("--cpus-per-task", type=int, default=8)
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--time", default="24:00:00")
+    p.add_argument("--signal-lead", type=int, default=300, metavar="SECONDS",
+                   help="USR1 this long before the time limit: time enough for a checkpoint")
+    p.add_argument("--job-name", default="mlra-mega")
+    p.add_argument("--cpu", action="store_true", help="CPU nodes with gloo (no GPUs asked for)")
+    p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    p.set_defaults(func=_cmd_submit)
 
     p = sub.add_parser("export-hf", help="a checkpoint -> a Hugging Face GPT-2 directory (weights, config, tokenizer)")
     p.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a checkpoint, a run's checkpoints/ or a run directory")
@@ -170,7 +199,13 @@ def _quiet_known_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Dotted overrides may come after options (`submit cfg.yaml --nodes 2 train.steps=10`).
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _quiet_known_warnings()
     try:
         return args.func(args)

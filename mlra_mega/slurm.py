@@ -1,0 +1,95 @@
+"""`mlra-mega submit`: render the sbatch template for a run and hand it to sbatch.
+
+The batch script, not the trainer, knows Slurm: it sets the rendezvous (first host of the
+allocation), starts one srun task per rank, and requeues the job when the trainer leaves a
+PREEMPTED marker in the run directory. `submit` fixes run.dir in the script, so a requeued job
+resumes the same run (and the same MLflow run). sbatch is called with an argument list; no shell
+string is built from user input (values in the script are shell-quoted).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlra_mega.config import ConfigError, load_config
+
+__all__ = ["SubmitOptions", "render", "submit", "TEMPLATE"]
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch.in"
+
+
+@dataclass
+class SubmitOptions:
+    config: str
+    overrides: list[str] = field(default_factory=list)
+    nodes: int = 1
+    gpus_per_node: int = 8
+    tasks_per_node: int | None = None  # None: gpus_per_node (GPU) or 1 (--cpu)
+    cpus_per_task: int = 8
+    partition: str | None = None
+    account: str | None = None
+    time: str = "24:00:00"
+    signal_lead_s: int = 300
+    cpu: bool = False
+    job_name: str = "mlra-mega"
+    python: str = sys.executable
+
+
+def _run_dir(opts: SubmitOptions) -> str:
+    cfg = load_config(opts.config, opts.overrides)  # validated here, at submission, once
+    if cfg.run.dir:
+        return str(Path(cfg.run.dir).resolve())
+    name = cfg.run.name or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return str((Path(cfg.run.root) / cfg.tracking.experiment / name).resolve())
+
+
+def render(opts: SubmitOptions) -> str:
+    """The batch script for these options."""
+    for name in ("nodes", "gpus_per_node", "cpus_per_task", "signal_lead_s"):
+        if getattr(opts, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}", f"must be >= 1, got {getattr(opts, name)}",
+                              "give a positive number")
+    tasks = opts.tasks_per_node or (1 if opts.cpu else opts.gpus_per_node)
+    run_dir = _run_dir(opts)
+    overrides = [o for o in opts.overrides if not o.startswith("run.dir=")] + [f"run.dir={run_dir}"]
+    command = " ".join(shlex.quote(x) for x in [opts.python, "-m", "mlra_mega", "train",
+                                                str(Path(opts.config).resolve()), *overrides])
+    resources = ""
+    if not opts.cpu:
+        resources += f"#SBATCH --gpus-per-node={opts.gpus_per_node}\n"
+    if opts.partition:
+        resources += f"#SBATCH --partition={opts.partition}\n"
+    if opts.account:
+        resources += f"#SBATCH --account={opts.account}\n"
+    env = "export CUDA_VISIBLE_DEVICES=\n" if opts.cpu else ""
+    return TEMPLATE.read_text().format(
+        job_name=opts.job_name, nodes=opts.nodes, tasks_per_node=tasks, cpus_per_task=opts.cpus_per_task,
+        resource_lines=resources, time=opts.time, signal_lead=opts.signal_lead_s, run_dir=run_dir,
+        run_dir_q=shlex.quote(run_dir), omp_threads=opts.cpus_per_task, env_lines=env, command=command)
+
+
+def submit(opts: SubmitOptions, dry_run: bool = False) -> str:
+    """Prints the script (dry run) or submits it; returns the script or the job id."""
+    script = render(opts)
+    if dry_run:
+        return script
+    if shutil.which("sbatch") is None:
+        raise ConfigError("submit", "sbatch is not on PATH", "run on a Slurm login node, or use --dry-run")
+    run_dir = Path(script.split("RUN_DIR=", 1)[1].splitlines()[0].strip("'"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix="mlra-mega-", suffix=".sbatch", dir=run_dir)
+    with os.fdopen(fd, "w") as f:
+        f.write(script)
+    proc = subprocess.run(["sbatch", "--parsable", path], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ConfigError("submit", f"sbatch refused the job: {proc.stderr.strip() or proc.stdout.strip()}",
+                          "check --partition, --account, --time and the resources asked for")
+    return proc.stdout.strip().split(";")[0]
