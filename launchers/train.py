@@ -1,6 +1,8 @@
-"""Entry script for launchers that start a Python file: the deepspeed launcher, or plain python.
+"""The one entry script: srun tasks (slurm/train.sbatch.in), torchrun, the deepspeed launcher.
 
-    deepspeed --num_gpus 8 launchers/train.py CONFIG.yaml [section.key=value ...]
+    srun python launchers/train.py CONFIG.yaml [section.key=value ...]      (as `mlra-mega submit` does)
+    torchrun --nproc-per-node 8 launchers/train.py CONFIG.yaml ...
+    deepspeed --num_gpus 8 launchers/train.py CONFIG.yaml ...
 
 The launcher's `--local_rank=N` argument is accepted and ignored (LOCAL_RANK is in the
 environment too). Same as `mlra-mega train CONFIG.yaml ...`.

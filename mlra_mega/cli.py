@@ -69,7 +69,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if history and launch_env().rank == 0:
         last = history[-1]
-        print(f"[train] done: step {last.step}, loss {last.loss:.4f}; metrics in {run_dir / 'metrics.jsonl'}")
+        how = "stopped (preempted)" if (run_dir / "PREEMPTED").exists() else "done"
+        print(f"[train] {how}: step {last.step}, loss {last.loss:.4f}; metrics in {run_dir / 'metrics.jsonl'}")
     return 0
 
 

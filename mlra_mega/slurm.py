@@ -24,6 +24,7 @@ from mlra_mega.config import ConfigError, load_config
 __all__ = ["SubmitOptions", "render", "submit", "TEMPLATE"]
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch.in"
+ENTRY = Path(__file__).resolve().parent.parent / "launchers" / "train.py"  # also torchrun's and deepspeed's
 
 
 @dataclass
@@ -53,6 +54,9 @@ def _run_dir(opts: SubmitOptions) -> str:
 
 def render(opts: SubmitOptions) -> str:
     """The batch script for these options."""
+    if not TEMPLATE.is_file() or not ENTRY.is_file():
+        raise ConfigError("submit", f"{TEMPLATE} or {ENTRY} not found",
+                          "run from a source checkout (pip install -e .), where slurm/ and launchers/ sit")
     for name in ("nodes", "gpus_per_node", "cpus_per_task", "signal_lead_s"):
         if getattr(opts, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}", f"must be >= 1, got {getattr(opts, name)}",
@@ -60,8 +64,8 @@ def render(opts: SubmitOptions) -> str:
     tasks = opts.tasks_per_node or (1 if opts.cpu else opts.gpus_per_node)
     run_dir = _run_dir(opts)
     overrides = [o for o in opts.overrides if not o.startswith("run.dir=")] + [f"run.dir={run_dir}"]
-    command = " ".join(shlex.quote(x) for x in [opts.python, "-m", "mlra_mega", "train",
-                                                str(Path(opts.config).resolve()), *overrides])
+    command = " ".join(shlex.quote(x) for x in [opts.python, str(ENTRY), str(Path(opts.config).resolve()),
+                                                *overrides])
     resources = ""
     if not opts.cpu:
         resources += f"#SBATCH --gpus-per-node={opts.gpus_per_node}\n"
