@@ -424,7 +424,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def flatten(cfg: Any) -> dict[str, Any]:
-    """`{"model.hidden_size": 768, ...}`: the dotted keys the overrides use."""
+    """`{"model.hidden_size": 768, ...}`: the dotted keys the overrides use (a config or its dict)."""
     out: dict[str, Any] = {}
 
     def walk(value: Any, prefix: str) -> None:
@@ -434,7 +434,7 @@ def flatten(cfg: Any) -> dict[str, Any]:
         else:
             out[prefix.rstrip(".")] = value
 
-    walk(to_dict(cfg), "")
+    walk(cfg if isinstance(cfg, dict) else to_dict(cfg), "")
     return out
 
 

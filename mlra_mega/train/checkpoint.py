@@ -158,8 +158,11 @@ def save_checkpoint(engine: Any, root: Path, step: int, sidecar: dict[str, Any],
         _write_manifest(path)
         _replace_text(root / LATEST, tag + "\n")
         complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step") and is_complete(p))
-        for old in complete[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        kept = set(complete[-keep:])
+        for old in root.iterdir():
+            # Older than the newest kept one and not kept: pruned, remains of an interrupted save too.
+            if old.is_dir() and old.name.startswith("step") and old not in kept and old.name < tag:
+                shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
     return Checkpoint(path)
@@ -188,7 +191,7 @@ def read_sidecar(ckpt: Checkpoint) -> dict[str, Any]:
 
 def check_compatible(ckpt: Checkpoint, sidecar: dict[str, Any], cfg: RunConfig, tp: int, dp: int) -> None:
     """The checkpoint's model and layout are this run's, or a ConfigError naming what differs."""
-    saved = {k: v for k, v in _flat(sidecar["config"]).items() if k.startswith("model.")}
+    saved = {k: v for k, v in flatten(sidecar["config"]).items() if k.startswith("model.")}
     current = {k: v for k, v in flatten(cfg).items() if k.startswith("model.")}
     differ = [f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
               if saved.get(k) != current.get(k)]
@@ -201,16 +204,6 @@ def check_compatible(ckpt: Checkpoint, sidecar: dict[str, Any], cfg: RunConfig, 
     if changed:
         raise ConfigError("checkpoint", f"{ckpt.path} was written at another layout: {', '.join(changed)}",
                           "resume with the same parallel.tensor, world size and zero.stage")
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
 
 
 def load_checkpoint(engine: Any, ckpt: Checkpoint) -> None:

@@ -163,8 +163,12 @@ def test_refusals(tmp_path: Path, tokenizer_dir: Path, sample_dataset: str) -> N
 def test_incomplete_checkpoints_are_skipped_and_keep_prunes(tmp_path: Path, tokenizer_dir: Path,
                                                             sample_dataset: str) -> None:
     run = tmp_path / "run"
-    _train(tokenizer_dir, sample_dataset, run, "train.steps=6", "checkpoint.interval=2", "checkpoint.keep=2")
+    _train(tokenizer_dir, sample_dataset, run, "train.steps=6", "checkpoint.interval=2", "checkpoint.keep=2",
+           "train.stop_at=4")
     root = run / "checkpoints"
+    (root / "step00000003").mkdir()  # the remains of a save that never finished
+    (root / "step00000003" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    _train(tokenizer_dir, sample_dataset, run, "train.steps=6", "checkpoint.interval=2", "checkpoint.keep=2")
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step00000004", "step00000006"]
     # A shard cut short (a crash mid-write): the newest is no longer whole; the pointer is not trusted.
     shard = root / "step00000006" / "model" / "tp00.pt"
