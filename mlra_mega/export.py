@@ -26,7 +26,7 @@ def load_checkpoint_model(checkpoint: str | Path):
     from mlra_mega.model.convert import load_shard, merge_shards, partition_dims
     from mlra_mega.train.checkpoint import find_checkpoint, read_sidecar
 
-    ckpt = find_checkpoint(Path(checkpoint))
+    ckpt = find_checkpoint(Path(checkpoint), verify_hashes=True, log=print)
     if ckpt is None:
         raise ConfigError("checkpoint", f"no complete checkpoint at {checkpoint}",
                           "give a checkpoint directory (step...), a run's checkpoints/ or a run directory")

@@ -38,7 +38,7 @@ from mlra_mega.config import ConfigError, RunConfig, flatten, to_dict
 from mlra_mega.train.callbacks import Callback
 
 __all__ = ["Checkpointer", "Checkpoint", "tag_for", "save_checkpoint", "find_checkpoint", "load_checkpoint", "check_compatible",
-           "read_sidecar", "is_complete", "package_versions", "rng_state", "set_rng_state"]
+           "read_sidecar", "is_complete", "checkpoint_problem", "package_versions", "rng_state", "set_rng_state"]
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -112,21 +112,44 @@ def _model_shard(engine: Any) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone().cpu() for n, p in params.items()}
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _write_manifest(path: Path) -> None:
-    files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*"))
-             if p.is_file() and p.name != MANIFEST}
+    files = {str(p.relative_to(path)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(path.rglob("*")) if p.is_file() and p.name != MANIFEST}
     tmp = path / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps({"files": files}, indent=1) + "\n")
     os.replace(tmp, path / MANIFEST)
 
 
-def is_complete(path: Path) -> bool:
-    """The manifest is there and every file it lists has its recorded size."""
+def checkpoint_problem(path: Path, verify_hashes: bool = False) -> str | None:
+    """Why `path` is not a whole checkpoint (no manifest, a file missing, cut short or changed), or None."""
     try:
         files = json.loads((path / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError):
-        return False
-    return all((path / name).is_file() and (path / name).stat().st_size == size for name, size in files.items())
+        return "no manifest (the save did not finish)"
+    for name, entry in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != entry["size"]:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {entry['size']}"
+        if verify_hashes and _sha256(f) != entry["sha256"]:
+            return f"{name} does not match its sha256 in the manifest"
+    return None
+
+
+def is_complete(path: Path, verify_hashes: bool = False) -> bool:
+    """The manifest is there and every file it lists has its size (and, verified, its hash)."""
+    return checkpoint_problem(path, verify_hashes) is None
 
 
 def _replace_text(path: Path, text: str) -> None:
@@ -168,21 +191,33 @@ def save_checkpoint(engine: Any, root: Path, step: int, sidecar: dict[str, Any],
     return Checkpoint(path)
 
 
-def find_checkpoint(where: Path) -> Checkpoint | None:
-    """The newest complete checkpoint at `where`: a tag dir, a checkpoints dir or a run dir."""
+def find_checkpoint(where: Path, verify_hashes: bool = False, log=None) -> Checkpoint | None:
+    """The newest whole checkpoint at `where`: a tag dir, a checkpoints dir or a run dir.
+
+    A checkpoint that is not whole (cut short, a file missing, with `verify_hashes` a byte
+    changed) is reported through `log` and the one before it is used.
+    """
+    def whole(p: Path) -> bool:
+        problem = checkpoint_problem(p, verify_hashes)
+        if problem is not None and log is not None and (p / MANIFEST).exists():
+            log(f"[checkpoint] {p} is not usable: {problem}; trying the one before")
+        return problem is None
+
     if (where / MANIFEST).exists():
-        return Checkpoint(where) if is_complete(where) else None
+        return Checkpoint(where) if whole(where) else None
     root = where / "checkpoints" if (where / "checkpoints").is_dir() else where
     if not root.is_dir():
         return None
+    tags = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step")), reverse=True)
     pointer = root / LATEST
     if pointer.is_file():
-        tagged = root / pointer.read_text().strip()
-        if is_complete(tagged):
-            return Checkpoint(tagged)
-    # The pointer is missing or names a checkpoint that is not whole: fall back to the newest whole one.
-    complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step") and is_complete(p))
-    return Checkpoint(complete[-1]) if complete else None
+        # The pointer first; past a broken one, the newest whole checkpoint before it.
+        named = root / pointer.read_text().strip()
+        tags = [named] + [t for t in tags if t.name < named.name] if named.is_dir() else tags
+    for tag in tags:
+        if whole(tag):
+            return Checkpoint(tag)
+    return None
 
 
 def read_sidecar(ckpt: Checkpoint) -> dict[str, Any]:

@@ -65,7 +65,7 @@ def resolve_run_dir(cfg: RunConfig, ctx: ParallelContext) -> Path:
     return parent / name[0]
 
 
-def _checkpoint_to_resume(cfg: RunConfig, run_dir: Path, tp: int, dp: int):
+def _checkpoint_to_resume(cfg: RunConfig, run_dir: Path, tp: int, dp: int, log: Callable[[str], None]):
     """(checkpoint, sidecar) to continue from, per `checkpoint.resume`, or (None, None)."""
     resume = cfg.checkpoint.resume
     if resume == "never":
@@ -74,11 +74,11 @@ def _checkpoint_to_resume(cfg: RunConfig, run_dir: Path, tp: int, dp: int):
                               "give a new run.dir, or use checkpoint.resume=auto to continue it")
         return None, None
     if resume == "auto":
-        ckpt = find_checkpoint(run_dir)
+        ckpt = find_checkpoint(run_dir, verify_hashes=True, log=log)
         if ckpt is None:
             return None, None
     else:
-        ckpt = find_checkpoint(Path(resume))
+        ckpt = find_checkpoint(Path(resume), verify_hashes=True, log=log)
         if ckpt is None:
             raise ConfigError("checkpoint.resume", f"no complete checkpoint at {resume}",
                               "give a checkpoint directory, a run's checkpoints/ directory or a run directory")
@@ -126,7 +126,7 @@ def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), log: Callable[[str
             add_sequence_parallel_grad_hooks(model, parallel_state.get_tensor_model_parallel_group())
         engine, ds_cfg = build_engine(cfg, model.to(ctx.device), dp)
         run_dir = resolve_run_dir(cfg, ctx)
-        ckpt, sidecar = _checkpoint_to_resume(cfg, run_dir, ctx.tp_size, dp)
+        ckpt, sidecar = _checkpoint_to_resume(cfg, run_dir, ctx.tp_size, dp, log if ctx.is_main else lambda s: None)
         if ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -179,6 +179,22 @@ def test_incomplete_checkpoints_are_skipped_and_keep_prunes(tmp_path: Path, toke
     assert find_checkpoint(run).tag == "step00000004"
 
 
+def test_a_flipped_byte_is_caught_and_the_previous_checkpoint_used(tmp_path: Path, tokenizer_dir: Path,
+                                                                   sample_dataset: str) -> None:
+    run = tmp_path / "run"
+    _train(tokenizer_dir, sample_dataset, run, "train.steps=6", "checkpoint.interval=2", "train.stop_at=4")
+    shard = run / "checkpoints" / "step00000004" / "mp_rank_00_model_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size, one bit changed
+    shard.write_bytes(bytes(data))
+    assert is_complete(shard.parent) and not is_complete(shard.parent, verify_hashes=True)
+    said: list[str] = []
+    assert find_checkpoint(run, verify_hashes=True, log=said.append).tag == "step00000002"
+    assert "does not match its sha256" in said[0]
+    history, _ = _train(tokenizer_dir, sample_dataset, run, "train.steps=6")  # resumes from step 2
+    assert [m.step for m in history] == [3, 4, 5, 6]
+
+
 def test_tracking_off_runs_without_mlflow(tmp_path: Path, tokenizer_dir: Path, sample_dataset: str) -> None:
     """With MLflow made unimportable, a tracking.enabled=false run trains and writes no store.
 
