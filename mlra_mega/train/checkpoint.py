@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from mlra_mega.config import ConfigError, RunConfig, flatten, to_dict
+from mlra_mega.data.tokenizer import file_sha256
 from mlra_mega.train.callbacks import Callback
 
 __all__ = ["Checkpointer", "Checkpoint", "tag_for", "save_checkpoint", "find_checkpoint", "load_checkpoint", "check_compatible",
@@ -112,18 +113,8 @@ def _model_shard(engine: Any) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone().cpu() for n, p in params.items()}
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_manifest(path: Path) -> None:
-    files = {str(p.relative_to(path)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+    files = {str(p.relative_to(path)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(path.rglob("*")) if p.is_file() and p.name != MANIFEST}
     tmp = path / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps({"files": files}, indent=1) + "\n")
@@ -142,7 +133,7 @@ def checkpoint_problem(path: Path, verify_hashes: bool = False) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != entry["size"]:
             return f"{name} has {f.stat().st_size} bytes, the manifest says {entry['size']}"
-        if verify_hashes and _sha256(f) != entry["sha256"]:
+        if verify_hashes and file_sha256(f) != entry["sha256"]:
             return f"{name} does not match its sha256 in the manifest"
     return None
 
