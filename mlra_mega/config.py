@@ -34,6 +34,7 @@ __all__ = [
     "MetricsConfig",
     "EvalConfig",
     "CheckpointConfig",
+    "FaultsConfig",
     "TrackingConfig",
     "RunSection",
     "RunConfig",
@@ -222,10 +223,14 @@ class TrainConfig:
     activation_checkpointing: bool = False
     log_interval: int = 1
     stop_at: int | None = None  # stop after this step with a checkpoint, to continue later (chunked runs)
+    max_consecutive_skips: int = 0  # after this many non-finite steps in a row, roll back (0 = never)
 
     def validate(self, prefix: str = "train") -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "log_interval"):
             _require_positive(f"{prefix}.{name}", getattr(self, name))
+        if self.max_consecutive_skips < 0:
+            raise ConfigError(f"{prefix}.max_consecutive_skips", f"must be >= 0, got {self.max_consecutive_skips}",
+                              "use 0 to only skip non-finite steps, or N to roll back after N in a row")
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
             raise ConfigError(f"{prefix}.stop_at", f"must be in [1, train.steps={self.steps}], got {self.stop_at}",
                               "give a step to stop after, or null to run to the end")
@@ -303,6 +308,34 @@ class CheckpointConfig:
 
 
 @dataclass
+class FaultsConfig:
+    """Drills and diagnosis: a gradient-poisoning drill, the hang watchdog, the dead-peer wait.
+
+    The drill can also come from the environment: MLRA_INJECT_NAN=STEP[:RANK[:COUNT]].
+    """
+
+    inject_nan_step: int | None = None  # poison one rank's gradients from this step on (a drill)
+    inject_nan_rank: int = 0  # the global rank whose gradients are poisoned
+    inject_nan_count: int = 1  # how many steps in a row
+    watchdog_minutes: float = 30.0  # dump every rank's stacks after this long without a finished step; 0 = off
+    peer_timeout_s: float = 60.0  # after a stop signal, how long to wait for the other ranks to agree
+
+    def validate(self, prefix: str = "faults") -> None:
+        if self.inject_nan_step is not None:
+            _require_positive(f"{prefix}.inject_nan_step", self.inject_nan_step)
+        _require_positive(f"{prefix}.inject_nan_count", self.inject_nan_count)
+        if self.inject_nan_rank < 0:
+            raise ConfigError(f"{prefix}.inject_nan_rank", f"must be >= 0, got {self.inject_nan_rank}",
+                              "give the global rank to poison")
+        if self.watchdog_minutes < 0:
+            raise ConfigError(f"{prefix}.watchdog_minutes", f"must be >= 0, got {self.watchdog_minutes}",
+                              "use 0 to turn the watchdog off")
+        if not self.peer_timeout_s > 0:
+            raise ConfigError(f"{prefix}.peer_timeout_s", f"must be > 0, got {self.peer_timeout_s}",
+                              "give the seconds to wait for the other ranks after a signal")
+
+
+@dataclass
 class TrackingConfig:
     """MLflow: the embedded store under the runs root unless `uri` names a server."""
 
@@ -333,6 +366,7 @@ class RunConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunSection = field(default_factory=RunSection)
 

@@ -27,6 +27,9 @@ class Callback:
 
     def on_eval_end(self, trainer: "Trainer", step: int, metrics: dict[str, float]) -> None: ...
 
+    def on_rollback(self, trainer: "Trainer", from_step: int) -> None:
+        """The trainer went back from `from_step` to `trainer.step` (a checkpoint's)."""
+
     def on_fit_end(self, trainer: "Trainer") -> None: ...
 
     def state_dict(self) -> dict[str, Any]:
@@ -85,7 +88,14 @@ class MetricsFile(Callback):
         self.path = path
 
     def on_fit_start(self, trainer: "Trainer") -> None:
-        if trainer.ctx.is_main and trainer.step > 0 and self.path.is_file():
+        if trainer.step > 0:
+            self._cut(trainer)
+
+    def on_rollback(self, trainer: "Trainer", from_step: int) -> None:
+        self._cut(trainer)
+
+    def _cut(self, trainer: "Trainer") -> None:
+        if trainer.ctx.is_main and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= trainer.step]
             tmp = self.path.with_suffix(".jsonl.tmp")

@@ -38,7 +38,7 @@ from mlra_mega.config import ConfigError, RunConfig, flatten, to_dict
 from mlra_mega.data.tokenizer import file_sha256
 from mlra_mega.train.callbacks import Callback
 
-__all__ = ["Checkpointer", "Checkpoint", "tag_for", "save_checkpoint", "find_checkpoint", "load_checkpoint", "check_compatible",
+__all__ = ["Checkpointer", "Checkpoint", "tag_for", "model_shard", "save_checkpoint", "find_checkpoint", "load_checkpoint", "check_compatible",
            "read_sidecar", "is_complete", "checkpoint_problem", "package_versions", "rng_state", "set_rng_state"]
 
 LATEST = "latest"
@@ -102,7 +102,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _model_shard(engine: Any) -> dict[str, torch.Tensor]:
+def model_shard(engine: Any) -> dict[str, torch.Tensor]:
     """This rank's parameters, whole (ZeRO-3: gathered over DP; a collective there)."""
     params = dict(engine.module.named_parameters())
     if any(hasattr(p, "ds_id") for p in params.values()):
@@ -155,7 +155,7 @@ def save_checkpoint(engine: Any, root: Path, step: int, sidecar: dict[str, Any],
     tag = tag_for(step)
     path = root / tag
     engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
-    shard = _model_shard(engine)
+    shard = model_shard(engine)
     rank = dist.get_rank() if dist.is_initialized() else 0
     (path / "rng").mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(), path / "rng" / f"rank{rank:05d}.pt")
@@ -182,8 +182,10 @@ def save_checkpoint(engine: Any, root: Path, step: int, sidecar: dict[str, Any],
     return Checkpoint(path)
 
 
-def find_checkpoint(where: Path, verify_hashes: bool = False, log=None) -> Checkpoint | None:
-    """The newest whole checkpoint at `where`: a tag dir, a checkpoints dir or a run dir.
+def find_checkpoint(where: Path, verify_hashes: bool = False, log=None, before: int | None = None
+                    ) -> Checkpoint | None:
+    """The newest whole checkpoint at `where`: a tag dir, a checkpoints dir or a run dir
+    (with `before`, the newest of a step below it).
 
     A checkpoint that is not whole (cut short, a file missing, with `verify_hashes` a byte
     changed) is reported through `log` and the one before it is used.
@@ -205,6 +207,8 @@ def find_checkpoint(where: Path, verify_hashes: bool = False, log=None) -> Check
         # The pointer first; past a broken one, the newest whole checkpoint before it.
         named = root / pointer.read_text().strip()
         tags = [named] + [t for t in tags if t.name < named.name] if named.is_dir() else tags
+    if before is not None:
+        tags = [t for t in tags if t.name < tag_for(before)]
     for tag in tags:
         if whole(tag):
             return Checkpoint(tag)
@@ -264,7 +268,10 @@ class Checkpointer(Callback):
 
     def on_step_end(self, trainer: Any, metrics: Any) -> None:
         interval, t = self.cfg.checkpoint.interval, self.cfg.train
-        if metrics.step in (t.steps, t.stop_at) or (interval and metrics.step % interval == 0):
+        if metrics.step in (t.steps, t.stop_at):
+            self.save(trainer)
+        elif interval and metrics.step % interval == 0 and not metrics.skipped:
+            # Not on a skipped step: a rollback wants the checkpoints from before a run of them.
             self.save(trainer)
 
     def save(self, trainer: Any) -> Checkpoint:

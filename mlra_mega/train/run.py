@@ -45,6 +45,9 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
                           f"{t.global_batch_size} is not divisible by micro_batch_size x data-parallel size "
                           f"= {t.micro_batch_size} x {dp} (world {world_size} / tensor {tp})",
                           f"use a multiple of {t.micro_batch_size * dp}, or change train.micro_batch_size")
+    if cfg.faults.inject_nan_step is not None and cfg.faults.inject_nan_rank >= world_size:
+        raise ConfigError("faults.inject_nan_rank", f"{cfg.faults.inject_nan_rank} is not a rank of this "
+                          f"{world_size}-process job", f"give a rank below {world_size}")
     return dp
 
 
@@ -142,7 +145,8 @@ def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), log: Callable[[str
             standard.append(MLflowLogger(cfg, run_dir))
         checkpointer = Checkpointer(cfg, run_dir, Path(cfg.data.tokenizer))
         guard = PreemptionGuard(run_dir, checkpointer, cfg.checkpoint.sigterm_save_s)
-        trainer = Trainer(cfg, ctx, engine, batches, data.valid, [*standard, *callbacks, checkpointer, guard])
+        trainer = Trainer(cfg, ctx, engine, batches, data.valid, [*standard, *callbacks, checkpointer, guard],
+                          run_dir=run_dir, log=log if ctx.is_main else lambda s: None)
         if ckpt is not None:
             trainer.restore(ckpt, sidecar)
         if ctx.is_main:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from mlra_mega.metrics.throughput import throughput
 from mlra_mega.model.build import flops_per_token
 from mlra_mega.train.callbacks import Callback
 from mlra_mega.train.engine import global_grad_norm, tensor_parallel_grad_norm
+from mlra_mega.train.nonfinite import NonFiniteGuard, drill_from
 
 __all__ = ["StepMetrics", "Trainer", "embedding_tev"]
 
@@ -41,6 +43,8 @@ class StepMetrics:
     mfu: float | None = None
     tev_mean: float | None = None
     tev_std: float | None = None
+    skipped_steps: int = 0  # non-finite steps skipped so far in this run
+    skipped: int | None = None  # 1 on a step that was skipped
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -59,13 +63,17 @@ def embedding_tev(model: torch.nn.Module, vocab_size: int, tp_group: dist.Proces
 
 class Trainer:
     def __init__(self, cfg: RunConfig, ctx: ParallelContext, engine: Any, train_batches: TrainBatches,
-                 valid_dataset: Any | None = None, callbacks: Sequence[Callback] = ()) -> None:
+                 valid_dataset: Any | None = None, callbacks: Sequence[Callback] = (),
+                 run_dir: Path | None = None, log: Callable[[str], None] = print) -> None:
         from megatron.core import parallel_state
 
         self.cfg, self.ctx, self.engine, self.batches = cfg, ctx, engine, train_batches
         self.model = engine.module
         self.valid_dataset = valid_dataset
-        self.callbacks = list(callbacks)
+        self.run_dir, self.log = run_dir, log
+        self.nonfinite = NonFiniteGuard(self.model, engine.basic_optimizer, ctx.rank, ctx.world_size, ctx.device,
+                                        cfg.train.max_consecutive_skips, drill_from(cfg.faults))
+        self.callbacks = [self.nonfinite, *callbacks]
         self.step = 0
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.dp_group = parallel_state.get_data_parallel_group()
@@ -92,15 +100,25 @@ class Trainer:
         lr = float(self.engine.get_lr()[0])
         micro = self.batches.next_global_batch()
         losses, own_norm = [], None
+        self.nonfinite.begin_step(self.step + 1)
         for i, batch in enumerate(micro):
             loss = self._loss(batch)
+            self.nonfinite.watch_loss(loss)
             self.engine.backward(loss)
-            if i == len(micro) - 1 and self.cfg.zero.stage == 0:
-                # DeepSpeed keeps no norm at ZeRO-0; the gradients are DP-reduced by now.
-                own_norm = tensor_parallel_grad_norm(self.model, self.tp_group)
+            if i == len(micro) - 1:
+                if self.cfg.zero.stage == 0:
+                    # DeepSpeed keeps no norm at ZeRO-0; the gradients are DP-reduced by now.
+                    own_norm = tensor_parallel_grad_norm(self.model, self.tp_group)
+                self.nonfinite.agree()
             self.engine.step()
             losses.append(loss)
+        skipped = self.nonfinite.end_step(self.engine, self.step + 1)
         self.step += 1
+        if skipped and self.ctx.is_main:
+            ranks = self.nonfinite.last_bad_ranks
+            self.log(f"[train] step {self.step}: non-finite loss or gradient on rank(s) "
+                     f"{', '.join(map(str, ranks)) if ranks else '? (found by DeepSpeed)'}; update skipped on all ranks "
+                     f"({self.nonfinite.consecutive} in a row, {self.nonfinite.skipped_total} in this run)")
         tev = None
         if self.cfg.metrics.tev_interval and self.step % self.cfg.metrics.tev_interval == 0:
             tev = embedding_tev(self.model, self.cfg.model.vocab_size, self.tp_group)
@@ -111,10 +129,11 @@ class Trainer:
         return StepMetrics(step=self.step, loss=loss_value, lr=lr, grad_norm=global_grad_norm(self.engine, own_norm),
                            consumed_samples=self.batches.consumed_samples, step_time_s=elapsed,
                            tokens_per_s=tp.tokens_per_s, tflops_per_device=tp.tflops_per_device, mfu=tp.mfu,
-                           tev_mean=tev.mean if tev else None, tev_std=tev.std if tev else None)
+                           tev_mean=tev.mean if tev else None, tev_std=tev.std if tev else None,
+                           skipped_steps=self.nonfinite.skipped_total, skipped=1 if skipped else None)
 
-    def restore(self, checkpoint: Any, sidecar: dict[str, Any]) -> None:
-        """Engine state, RNG, step, data position and callback states from a checkpoint."""
+    def restore(self, checkpoint: Any, sidecar: dict[str, Any], keep: Sequence[Callback] = ()) -> None:
+        """Engine state, RNG, step, data position and callback states (but `keep`'s) from a checkpoint."""
         from mlra_mega.train.checkpoint import load_checkpoint
 
         load_checkpoint(self.engine, checkpoint)
@@ -122,8 +141,38 @@ class Trainer:
         self.batches.load_state_dict({"consumed_samples": int(sidecar["consumed_samples"])})
         for cb in self.callbacks:
             state = sidecar["callbacks"].get(type(cb).__name__)
-            if state:
+            if state and cb not in keep:
                 cb.load_state_dict(state)
+
+    def roll_back(self) -> None:
+        """Back to the newest complete checkpoint after persistent non-finite steps; the data
+        position stays where it is, so the batches since then are not seen again."""
+        from mlra_mega.errors import MlraMegaError
+        from mlra_mega.train.checkpoint import find_checkpoint, read_sidecar
+
+        bad = self.step
+        found = None
+        if self.run_dir is not None:
+            found = find_checkpoint(self.run_dir, verify_hashes=True, log=self.log if self.ctx.is_main else None,
+                                    before=self.nonfinite.streak_start)
+        if found is None:
+            raise MlraMegaError(f"{self.nonfinite.consecutive} non-finite steps in a row up to step {bad} "
+                                "(train.max_consecutive_skips) and no checkpoint to roll back to; set "
+                                "checkpoint.interval so there is one, or lower optim.lr")
+        if found.tag == self.nonfinite.rolled_back_to:
+            raise MlraMegaError(f"the run went non-finite again right after rolling back to {found.path}; "
+                                "lower optim.lr or look at the data after "
+                                f"{self.batches.consumed_samples} samples")
+        sidecar = read_sidecar(found)
+        consumed = self.batches.consumed_samples
+        self.restore(found, sidecar, keep=[self.nonfinite])
+        self.batches.load_state_dict({"consumed_samples": consumed})
+        self.nonfinite.rolled_back(found.tag)
+        if self.ctx.is_main:
+            self.log(f"[train] rolled back from step {bad} to {found.path} (step {self.step}), rollback "
+                     f"{self.nonfinite.rollbacks}; the data position stays at {consumed} samples")
+        for cb in self.callbacks:
+            cb.on_rollback(self, bad)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -155,6 +204,10 @@ class Trainer:
                 history.append(metrics)
                 for cb in self.callbacks:
                     cb.on_step_end(self, metrics)
+                if self.nonfinite.rollback_due:
+                    self.roll_back()
+                    history = [m for m in history if m.step <= self.step]
+                    continue
                 ev = self.cfg.eval
                 if self.valid_dataset is not None and ev.interval and (self.step % ev.interval == 0
                                                                        or self.step == end):
