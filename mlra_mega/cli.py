@@ -15,7 +15,6 @@ from mlra_mega.errors import MlraMegaError
 
 __all__ = ["main", "build_parser"]
 
-EXIT_USER_ERROR = 2
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -212,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except MlraMegaError as exc:
         print(f"mlra-mega: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return exc.exit_status
     except KeyboardInterrupt:
         print("mlra-mega: interrupted", file=sys.stderr)
         return 130

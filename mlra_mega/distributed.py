@@ -12,6 +12,7 @@ import datetime
 import os
 import random
 import socket
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +23,7 @@ from mlra_mega import cpu
 from mlra_mega.config import ParallelConfig
 from mlra_mega.errors import ConfigError
 
-__all__ = ["ParallelContext", "LaunchEnv", "launch_env", "setup", "teardown", "seed_everything"]
+__all__ = ["ParallelContext", "LaunchEnv", "launch_env", "setup", "teardown", "seed_everything", "silent_ranks"]
 
 
 @dataclass(frozen=True)
@@ -147,3 +148,29 @@ def teardown(keep_process_group: bool = False) -> None:
         parallel_state.destroy_model_parallel()
     if not keep_process_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def silent_ranks(wait_s: float = 5.0) -> list[int] | None:
+    """After a failed collective: the ranks that do not answer a roll call, or None if unknown.
+
+    Every rank that gets here writes its key into the launcher's rendezvous store (torchrun's
+    agent hosts it; under srun and the deepspeed launcher rank 0 does) and waits up to `wait_s`
+    for the others' keys. Those missing died or hang. A store that cannot be reached means its
+    host is gone: rank 0 outside torchrun.
+    """
+    if not dist.is_initialized() or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        return None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    prefix = f"mlra/roll-call/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=datetime.timedelta(seconds=wait_s), wait_for_workers=False)
+        store.set(f"{prefix}{rank}", "here")
+        deadline = time.monotonic() + wait_s
+        while True:
+            silent = [r for r in range(world) if not store.check([f"{prefix}{r}"])]
+            if not silent or time.monotonic() > deadline:
+                return silent
+            time.sleep(0.1)
+    except (RuntimeError, OSError, ValueError):  # the store's host is gone
+        return [0] if rank != 0 else None

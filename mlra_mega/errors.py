@@ -10,6 +10,8 @@ from __future__ import annotations
 class MlraMegaError(Exception):
     """Base of the errors the CLI reports in one line."""
 
+    exit_status = 2
+
 
 class ConfigError(MlraMegaError):
     """A configuration value, or a combination of values, that cannot work."""
@@ -26,3 +28,9 @@ class ConfigError(MlraMegaError):
 
 class DataError(MlraMegaError):
     """Input data that cannot be read or used (file, line and what to do)."""
+
+
+class PeerLost(MlraMegaError):
+    """Another rank of the job died or stopped answering; this one gives up (exit status 1)."""
+
+    exit_status = 1

@@ -21,6 +21,7 @@ import yaml
 
 from mlra_mega import distributed
 from mlra_mega.config import ConfigError, RunConfig, to_dict
+from mlra_mega.errors import MlraMegaError, PeerLost
 from mlra_mega.data.datasets import SampleOrder, TrainBatches, build_datasets
 from mlra_mega.data.tokenizer import check_vocab, load_tokenizer
 from mlra_mega.distributed import ParallelContext, launch_env
@@ -104,6 +105,17 @@ def _with_tokenizer_vocab(cfg: RunConfig):
     return cfg, tokenizer
 
 
+def _name_lost_peers(ctx: ParallelContext, step: int, exc: Exception) -> None:
+    """Turns a failed collective into a PeerLost naming the ranks that no longer answer."""
+    if ctx.world_size == 1 or isinstance(exc, MlraMegaError):
+        return
+    silent = distributed.silent_ranks()
+    if silent:
+        raise PeerLost(f"rank {ctx.rank}: lost rank(s) {', '.join(map(str, silent))} during step {step + 1} "
+                       f"({str(exc).splitlines()[0][:200]}); they died or hang: see their logs under logs/ in the "
+                       "run directory. The restart resumes from the last complete checkpoint") from exc
+
+
 def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), log: Callable[[str], None] = print
           ) -> tuple[list[StepMetrics], Path]:
     """Runs `cfg` to `train.steps`; returns the per-step metrics and the run directory."""
@@ -144,7 +156,7 @@ def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), log: Callable[[str
 
             standard.append(MLflowLogger(cfg, run_dir))
         checkpointer = Checkpointer(cfg, run_dir, Path(cfg.data.tokenizer))
-        guard = PreemptionGuard(run_dir, checkpointer, cfg.checkpoint.sigterm_save_s)
+        guard = PreemptionGuard(run_dir, checkpointer, cfg.checkpoint.sigterm_save_s, cfg.faults.peer_timeout_s)
         trainer = Trainer(cfg, ctx, engine, batches, data.valid, [*standard, *callbacks, checkpointer, guard],
                           run_dir=run_dir, log=log if ctx.is_main else lambda s: None)
         if ckpt is not None:
@@ -154,6 +166,9 @@ def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), log: Callable[[str
         previous = install_handlers()
         try:
             history = trainer.fit()
+        except Exception as exc:
+            _name_lost_peers(ctx, trainer.step, exc)
+            raise
         finally:
             restore_handlers(previous)
         if trainer.preempted is not None and ctx.is_main:

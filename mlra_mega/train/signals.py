@@ -8,12 +8,19 @@ agent about 30 s after forwarding it), `<run dir>/PREEMPTED` is written by rank 
 ends normally. The trainer knows nothing of Slurm: a batch script that finds the marker requeues
 the job (exit statuses do not survive torchrun), and the requeued job resumes from the
 checkpoint. Outside Slurm the same signal saves and exits cleanly.
+
+A rank that holds a signal waits at most `faults.peer_timeout_s` for the others to agree: a
+launcher that tears the job down after one rank died signals the survivors, and they must not
+start a collective save with a dead peer. They exit at once, naming the ranks that did not answer.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -61,18 +68,42 @@ def received() -> str | None:
 class PreemptionGuard(Callback):
     """Put it after the checkpointer: agrees on a signal, saves, writes the marker, stops."""
 
-    def __init__(self, run_dir: Path, checkpointer: Any, sigterm_save_s: float) -> None:
+    def __init__(self, run_dir: Path, checkpointer: Any, sigterm_save_s: float, peer_timeout_s: float = 60.0) -> None:
         self.run_dir, self.checkpointer, self.sigterm_save_s = run_dir, checkpointer, sigterm_save_s
+        self.peer_timeout_s = peer_timeout_s
 
-    def _agreed(self, device: torch.device) -> str | None:
+    def _agreed(self, device: torch.device, step: int) -> str | None:
         code = {None: 0, "SIGUSR1": 1, "SIGTERM": 2}[received()]
         flag = torch.tensor([code], dtype=torch.int32, device=device)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+            if code == 0:
+                work.wait()  # no signal here: wait as long as the process group allows
+            else:
+                # A launcher tearing a job down after one rank died sends SIGTERM to the rest: a
+                # collective save with a dead peer would hang, so a signalled rank waits for the
+                # others only briefly. The process-group timeout itself stays as it is.
+                try:
+                    work.wait(timeout=datetime.timedelta(seconds=self.peer_timeout_s))
+                except RuntimeError as exc:
+                    self._give_up(step, received(), exc)
         return {0: None, 1: "SIGUSR1", 2: "SIGTERM"}[int(flag.item())]
 
+    def _give_up(self, step: int, signal_name: str | None, exc: BaseException) -> None:
+        """Leaves without a checkpoint: an in-flight collective with a dead peer cannot be
+        cleaned up, so this process exits at once (metrics.jsonl is already on disk)."""
+        from mlra_mega.distributed import silent_ranks
+
+        silent = silent_ranks()
+        who = f"rank(s) {', '.join(map(str, silent))} did not answer" if silent else "another rank did not answer"
+        print(f"mlra-mega: error: rank {dist.get_rank()}: {signal_name} after step {step}, but {who} within "
+              f"faults.peer_timeout_s={self.peer_timeout_s:g}s ({str(exc).splitlines()[0][:200]}); exiting without "
+              "a checkpoint: the restart resumes from the last complete one", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+
     def on_step_end(self, trainer: Any, metrics: Any) -> None:
-        name = self._agreed(trainer.ctx.device)
+        name = self._agreed(trainer.ctx.device, trainer.step)
         if name is None:
             return
         last = self.checkpointer.last

@@ -1,10 +1,14 @@
 """Preemption: a signal on any rank -> all ranks stop at one step, save, write PREEMPTED, exit 0;
-the resumed run ends where an uninterrupted one does, with the same numbers."""
+the resumed run ends where an uninterrupted one does, with the same numbers. Dead ranks: SIGKILL
+of one rank ends the job within 60 s naming it (torchrun, the deepspeed launcher) and the restart
+matches the uninterrupted run; a signalled rank does not wait long for a silent peer."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +20,7 @@ import psutil
 import pytest
 
 from mlra_mega.train.signals import PREEMPTED, Preempted, PreemptionGuard, install_handlers, restore_handlers
+from tests.dist import dist_case, dist_result
 from tests.train.test_checkpoint import overrides, steps
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,9 +28,13 @@ STEPS = 300
 KEYS = ("loss", "lr", "grad_norm", "consumed_samples")
 
 
-def launch(args: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "mlra_mega",
-           "train", str(REPO / "configs" / "quickstart.yaml"), *args]
+def launch(args: list[str], launcher: str = "torchrun") -> subprocess.Popen:
+    config = str(REPO / "configs" / "quickstart.yaml")
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               "--max-restarts=0", "-m", "mlra_mega", "train", config, *args]
+    else:
+        cmd = ["deepspeed", "--num_gpus", "2", str(REPO / "launchers" / "train.py"), config, *args]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
 
@@ -115,3 +124,88 @@ def test_sigterm_skips_a_save_that_cannot_finish_in_time(tmp_path: Path) -> None
         assert info.value.saved and fast.checkpointer.saves == 1
     finally:
         restore_handlers(previous)
+
+
+def rank_process(proc: subprocess.Popen, rank: int) -> psutil.Process:
+    """The worker process of `rank` under the launcher `proc`."""
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            cmd = child.cmdline()
+            if child.environ().get("RANK") == str(rank) and ("train" in cmd or str(REPO / "launchers" / "train.py") in cmd):
+                return child
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_sigkill_of_one_rank_ends_the_job_naming_it_and_the_restart_matches(
+        launcher: str, straight: Path, tmp_path: Path, tokenizer_dir: Path, sample_dataset: str) -> None:
+    run = tmp_path / "run"
+    args = overrides(tokenizer_dir, sample_dataset, run, f"train.steps={STEPS}", "tracking.enabled=false",
+                     "checkpoint.interval=40")
+    proc = launch(args, launcher)
+    wait_for_steps(run, 90, proc)
+    victim = rank_process(proc, 1)
+    t_kill = time.time()
+    victim.kill()
+    out = finish(proc, timeout=120, check=False)
+    kill_to_exit = time.time() - t_kill
+    assert proc.returncode != 0 and kill_to_exit < 60, out[-3000:]
+    assert "rank 0: lost rank(s) 1 during step" in out, out[-3000:]  # the survivor names it
+    if launcher == "torchrun":  # and so does the launcher
+        assert re.search(r"Root Cause.*?rank\s*: 1 \(local_rank: 1\)\s*exitcode\s*: -9", out, re.S), out[-3000:]
+    else:
+        assert re.search(r"--local_rank=1.*exits with return code = -9", out), out[-3000:]
+    print(f"\n[dead rank] {launcher}: SIGKILL of rank 1 to the launcher's exit {kill_to_exit:.2f}s")
+    killed_at = len(steps(run))
+
+    finish(launch(args))  # the restart: resume auto from the newest complete checkpoint
+    resumed, reference = steps(run), steps(straight)
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1)), f"killed after {killed_at} steps"
+    for a, b in zip(resumed, reference):
+        assert all(a[k] == b[k] for k in KEYS), a["step"]
+
+
+class _Exited(Exception):
+    pass
+
+
+@dist_case(2)
+def signalled_rank_with_a_silent_peer() -> dict:
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        time.sleep(12)  # silent: in neither the agreement nor the roll call for a while
+        dist.all_reduce(torch.zeros(1, dtype=torch.int32), op=dist.ReduceOp.MAX)  # meets rank 0's abandoned one
+        return {}
+    saver = _Saver(last_save_s=1.0)
+    guard = PreemptionGuard(Path(os.environ.get("TMPDIR", "/tmp")), saver, sigterm_save_s=20.0, peer_timeout_s=2.0)
+    real_exit, real_stderr, code = os._exit, sys.stderr, None
+    previous = install_handlers()
+
+    def fake_exit(status: int) -> None:
+        raise _Exited(status)
+
+    os._exit, sys.stderr = fake_exit, io.StringIO()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # what a launcher sends the survivors
+        start = time.monotonic()
+        try:
+            guard.on_step_end(_trainer(), None)
+        except _Exited as exc:
+            code = exc.args[0]
+        elapsed, message = time.monotonic() - start, sys.stderr.getvalue()
+    finally:
+        os._exit, sys.stderr = real_exit, real_stderr
+        restore_handlers(previous)
+    return {"code": code, "elapsed": elapsed, "saves": saver.saves, "message": message}
+
+
+def test_a_signalled_rank_gives_up_on_a_silent_peer_without_saving() -> None:
+    out = dist_result(__name__, 2, "signalled_rank_with_a_silent_peer")[0]
+    assert out["code"] == 1 and out["saves"] == 0, out
+    # 2 s for the agreement, up to 5 s for the roll call, well inside a launcher's kill delay.
+    assert out["elapsed"] < 10, out
+    assert "SIGTERM after step 7, but rank(s) 1 did not answer within faults.peer_timeout_s=2s" in out["message"]
