@@ -73,6 +73,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_stacks(args: argparse.Namespace) -> int:
+    from mlra_mega.errors import ConfigError
+    from mlra_mega.train.diagnosis import request_stacks
+
+    results = request_stacks(Path(args.run_dir))
+    if not results:
+        raise ConfigError("RUN_DIR", f"{args.run_dir} has no logs/rank*.json",
+                          "give the run directory of a job that is running (its logs/ lists the ranks)")
+    for rank, outcome in results:
+        print(f"rank {rank}: {outcome}")
+    return 0
+
+
 def _cmd_export_hf(args: argparse.Namespace) -> int:
     from mlra_mega.export import export_hf
 
@@ -147,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="CPU nodes with gloo (no GPUs asked for)")
     p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
     p.set_defaults(func=_cmd_submit)
+
+    p = sub.add_parser("stacks", help="dump the Python stacks of every rank of a running job into its logs/")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.set_defaults(func=_cmd_stacks)
 
     p = sub.add_parser("export-hf", help="a checkpoint -> a Hugging Face GPT-2 directory (weights, config, tokenizer)")
     p.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a checkpoint, a run's checkpoints/ or a run directory")

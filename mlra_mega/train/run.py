@@ -26,6 +26,7 @@ from mlra_mega.data.datasets import SampleOrder, TrainBatches, build_datasets
 from mlra_mega.data.tokenizer import check_vocab, load_tokenizer
 from mlra_mega.distributed import ParallelContext, launch_env
 from mlra_mega.train.callbacks import Callback, ConsoleLogger, MetricsFile, RunSummary
+from mlra_mega.train.diagnosis import RankLog, Watchdog
 from mlra_mega.train.checkpoint import Checkpointer, check_compatible, find_checkpoint, read_sidecar
 from mlra_mega.train.signals import PREEMPTED, PreemptionGuard, install_handlers, restore_handlers
 from mlra_mega.train.trainer import StepMetrics, Trainer
@@ -116,6 +117,43 @@ def _name_lost_peers(ctx: ParallelContext, step: int, exc: Exception) -> None:
                        "run directory. The restart resumes from the last complete checkpoint") from exc
 
 
+def _run(cfg: RunConfig, ctx: ParallelContext, engine, batches: TrainBatches, data, run_dir: Path, ckpt, sidecar,
+         ds_cfg: dict, callbacks: Sequence[Callback], rank_log: RankLog, log: Callable[[str], None]
+         ) -> tuple[list[StepMetrics], Path]:
+    """The trainer with its callbacks, inside the rank's log."""
+    if ctx.is_main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (run_dir / "deepspeed.json").write_text(json.dumps(ds_cfg, indent=2) + "\n")
+        log(f"[train] run dir {run_dir}; {ctx.world_size} processes = tensor {ctx.tp_size} x data {ctx.dp_size}, "
+            f"ZeRO-{cfg.zero.stage}, {cfg.train.precision}"
+            + (f"; resuming {ckpt.path} at step {sidecar['step']}" if ckpt else ""))
+    standard: list[Callback] = [ConsoleLogger(), MetricsFile(run_dir / "metrics.jsonl"),
+                                RunSummary(run_dir / "summary.json")]
+    if cfg.tracking.enabled:
+        from mlra_mega.tracking.mlflow import MLflowLogger
+
+        standard.append(MLflowLogger(cfg, run_dir))
+    checkpointer = Checkpointer(cfg, run_dir, Path(cfg.data.tokenizer))
+    guard = PreemptionGuard(run_dir, checkpointer, cfg.checkpoint.sigterm_save_s, cfg.faults.peer_timeout_s)
+    trainer = Trainer(cfg, ctx, engine, batches, data.valid, [*standard, *callbacks, checkpointer, guard],
+                      run_dir=run_dir, log=log if ctx.is_main else lambda s: None)
+    if ckpt is not None:
+        trainer.restore(ckpt, sidecar)
+    if ctx.is_main:
+        (run_dir / PREEMPTED).unlink(missing_ok=True)  # this job goes on from where that one stopped
+    previous = install_handlers()
+    try:
+        history = trainer.fit()
+    except Exception as exc:
+        _name_lost_peers(ctx, trainer.step, exc)
+        raise
+    finally:
+        restore_handlers(previous)
+    if trainer.preempted is not None and ctx.is_main:
+        log(f"[train] {trainer.preempted}; {run_dir / PREEMPTED} written")
+    return history, run_dir
+
+
 def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), log: Callable[[str], None] = print
           ) -> tuple[list[StepMetrics], Path]:
     """Runs `cfg` to `train.steps`; returns the per-step metrics and the run directory."""
@@ -144,35 +182,7 @@ def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), log: Callable[[str
         ckpt, sidecar = _checkpoint_to_resume(cfg, run_dir, ctx.tp_size, dp, log if ctx.is_main else lambda s: None)
         if ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-            (run_dir / "deepspeed.json").write_text(json.dumps(ds_cfg, indent=2) + "\n")
-            log(f"[train] run dir {run_dir}; {ctx.world_size} processes = tensor {ctx.tp_size} x data {ctx.dp_size}, "
-                f"ZeRO-{cfg.zero.stage}, {cfg.train.precision}"
-                + (f"; resuming {ckpt.path} at step {sidecar['step']}" if ckpt else ""))
-        standard: list[Callback] = [ConsoleLogger(), MetricsFile(run_dir / "metrics.jsonl"),
-                                    RunSummary(run_dir / "summary.json")]
-        if cfg.tracking.enabled:
-            from mlra_mega.tracking.mlflow import MLflowLogger
-
-            standard.append(MLflowLogger(cfg, run_dir))
-        checkpointer = Checkpointer(cfg, run_dir, Path(cfg.data.tokenizer))
-        guard = PreemptionGuard(run_dir, checkpointer, cfg.checkpoint.sigterm_save_s, cfg.faults.peer_timeout_s)
-        trainer = Trainer(cfg, ctx, engine, batches, data.valid, [*standard, *callbacks, checkpointer, guard],
-                          run_dir=run_dir, log=log if ctx.is_main else lambda s: None)
-        if ckpt is not None:
-            trainer.restore(ckpt, sidecar)
-        if ctx.is_main:
-            (run_dir / PREEMPTED).unlink(missing_ok=True)  # this job goes on from where that one stopped
-        previous = install_handlers()
-        try:
-            history = trainer.fit()
-        except Exception as exc:
-            _name_lost_peers(ctx, trainer.step, exc)
-            raise
-        finally:
-            restore_handlers(previous)
-        if trainer.preempted is not None and ctx.is_main:
-            log(f"[train] {trainer.preempted}; {run_dir / PREEMPTED} written")
-        return history, run_dir
+        with RankLog(run_dir, ctx.rank, launch_env().launcher) as rank_log:
+            return _run(cfg, ctx, engine, batches, data, run_dir, ckpt, sidecar, ds_cfg, callbacks, rank_log, log)
     finally:
         distributed.teardown(keep_process_group=not owns_process_group)
