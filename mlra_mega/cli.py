@@ -86,6 +86,14 @@ def _cmd_stacks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sync_tracking(args: argparse.Namespace) -> int:
+    from mlra_mega.tracking.mlflow import sync_run
+
+    sent = sync_run(Path(args.run_dir), args.tracking_uri)
+    print(f"[mlflow] sent {sent} points the tracking store did not have")
+    return 0
+
+
 def _cmd_export_hf(args: argparse.Namespace) -> int:
     from mlra_mega.export import export_hf
 
@@ -164,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stacks", help="dump the Python stacks of every rank of a running job into its logs/")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.set_defaults(func=_cmd_stacks)
+
+    p = sub.add_parser("sync-tracking", help="send MLflow what it lacks of a run (after the server was down at its end)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--tracking-uri", default=None, help="default: the run's tracking.uri, MLFLOW_TRACKING_URI, or "
+                                                         "the embedded store")
+    p.set_defaults(func=_cmd_sync_tracking)
 
     p = sub.add_parser("export-hf", help="a checkpoint -> a Hugging Face GPT-2 directory (weights, config, tokenizer)")
     p.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a checkpoint, a run's checkpoints/ or a run directory")

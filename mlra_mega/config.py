@@ -342,6 +342,12 @@ class TrackingConfig:
     enabled: bool = True
     uri: str | None = None
     experiment: str = "default"
+    final_flush_s: float = 60.0  # at the end, how long to wait for an unreachable server before leaving a buffer
+
+    def validate(self, prefix: str = "tracking") -> None:
+        if self.final_flush_s < 0:
+            raise ConfigError(f"{prefix}.final_flush_s", f"must be >= 0, got {self.final_flush_s}",
+                              "give the seconds to wait for the tracking server at the end of a run")
 
 
 @dataclass

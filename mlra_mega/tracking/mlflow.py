@@ -1,21 +1,32 @@
-"""MLflow tracking from rank 0: one run per training run, resumed by id, metrics from a thread.
+"""MLflow tracking from rank 0: one run per training run, resumed by id, every step exactly once.
 
 Default store: one embedded SQLite store for every run under the runs root
 (`sqlite:////abs/runs-root/mlflow.db`, artifacts under `<runs root>/mlartifacts/`, absolute), so
 runs of one experiment sit side by side in the MLflow UI with no server. `tracking.uri` or
 MLFLOW_TRACKING_URI points at a tracking server instead. This module is imported only when
-tracking is on.
+tracking is on. Params: the flattened resolved config. Tags: git SHA, package versions, layout,
+hosts.
 
-Params: the flattened resolved config. Tags: the project's git SHA, package versions, the world
-layout, host names. Metrics: every recorded step, queued and sent in batches by a background
-thread so a slow server never stalls a step; MLflow's HTTP timeout and retries are set
-deliberately (short timeout, a few retries) unless the environment sets them. The run id is
-part of the callback state, so it goes into checkpoints and a resumed run continues the same
-MLflow run, without logging a step twice.
+The step loop never talks to MLflow: it puts each record (step, timestamp, metrics) on a queue
+and goes on. One sender thread does everything else - creating or resuming the run, params, tags,
+metrics in batches. Records it has not yet seen confirmed sit in `<run dir>/mlflow-buffer.jsonl`.
+While the server is unreachable they accumulate there and training goes on at full speed; when
+it answers again (or at the end of the run, waiting at most `tracking.final_flush_s`) they are
+replayed in order. MLflow's log_batch is not idempotent, so a replay first asks the server which
+points (key, step, timestamp) it already holds - a batch whose answer was lost may have landed -
+and sends only the others.
+
+Exactly once: after a clean stop every step is in MLflow once. After a crash the steps after the
+checkpoint run again; MLflow cannot delete points, so the resumed run logs them again (later
+timestamps: the last value of every step is the resumed run's) and the range goes into the
+`replayed_steps` tag, as after a rollback. On resume, steps of metrics.jsonl up to the checkpoint
+that the server lacks (a crash mid-outage) are sent then; `mlra-mega sync-tracking RUN_DIR` does
+the same for a run that ended while the server was down.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import socket
@@ -29,14 +40,17 @@ from typing import Any
 from mlra_mega.config import RunConfig, flatten
 from mlra_mega.train.callbacks import Callback
 
-__all__ = ["default_tracking_uri", "tracking_uri", "MLflowLogger", "ui_command"]
+__all__ = ["BUFFER", "MLflowLogger", "default_tracking_uri", "sync_run", "tracking_uri", "ui_command"]
 
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
+BUFFER = "mlflow-buffer.jsonl"
+RUN_ID_FILE = "mlflow-run-id"
 _BATCH = 900  # MLflow takes at most 1000 metrics per log_batch
 _PARAM_BATCH = 90  # and at most 100 params
+_RETRY_S = (1, 2, 4, 8, 15)  # waits between attempts while the server is away
 
 
 def default_tracking_uri(runs_root: str | Path) -> str:
@@ -71,127 +85,285 @@ def _hosts() -> str:
     return ",".join(names)
 
 
+def _points(record: dict[str, Any]) -> list[tuple[str, float, int, int]]:
+    """(key, value, timestamp ms, step) of a buffered record's numeric metrics."""
+    return [(k, float(v), record["ts"], record["step"]) for k, v in record["metrics"].items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def _held(client: Any, run_id: str, keys: set[str], with_timestamps: bool = True) -> set[tuple]:
+    """What the server holds of `keys`: {(key, step, timestamp)} (or {(key, step)})."""
+    out = set()
+    for key in keys:
+        for m in client.get_metric_history(run_id, key):
+            out.add((key, m.step, m.timestamp) if with_timestamps else (key, m.step))
+    return out
+
+
+def _send(client: Any, run_id: str, records: list[dict[str, Any]], check_server: bool) -> int:
+    """Logs the records' points in order; with `check_server`, only those the server lacks."""
+    from mlflow.entities import Metric
+
+    points = [p for r in records for p in _points(r)]
+    if check_server and points:
+        held = _held(client, run_id, {p[0] for p in points})
+        points = [p for p in points if (p[0], p[3], p[2]) not in held]
+    metrics = [Metric(k, v, ts, step) for k, v, ts, step in points]
+    for i in range(0, len(metrics), _BATCH):
+        client.log_batch(run_id, metrics=metrics[i:i + _BATCH])
+    return len(metrics)
+
+
+def _add_replayed_tag(client: Any, run_id: str, first: int, last: int) -> None:
+    tags = client.get_run(run_id).data.tags
+    ranges = [r for r in tags.get("replayed_steps", "").split(",") if r]
+    client.set_tag(run_id, "replayed_steps", ",".join([*ranges, f"{first}-{last}"]))
+
+
+def _steps_of(path: Path, up_to: int | None = None) -> list[dict[str, Any]]:
+    """metrics.jsonl as buffered records (timestamp: now), steps up to `up_to`."""
+    if not path.is_file():
+        return []
+    now = int(time.time() * 1000)
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{"step": r["step"], "ts": now, "metrics": r} for r in records if up_to is None or r["step"] <= up_to]
+
+
+def _missing_from_server(client: Any, run_id: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The (key, step) points of `records` the server lacks, as records."""
+    held = _held(client, run_id, {p[0] for r in records for p in _points(r)}, with_timestamps=False)
+    out = []
+    for r in records:
+        metrics = {k: v for k, v in r["metrics"].items() if k != "step" and (k, r["step"]) not in held}
+        if metrics:
+            out.append({**r, "metrics": metrics})
+    return out
+
+
 class MLflowLogger(Callback):
-    """Rank 0 logs; other ranks only take part in the host-name gather."""
+    """Rank 0 logs through its sender thread; other ranks only take part in the host-name gather."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         self.run_id: str | None = None
         self.uri = tracking_uri(cfg)
+        self.buffer = run_dir / BUFFER
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._logged_steps: set[int] = set()
-        self._client = None
-        self.failures = 0
+        self._client: Any = None
+        self._pending: list[dict[str, Any]] = []  # not yet confirmed, also in the buffer file
+        self._uncertain = False  # a send failed: the server may hold part of what is pending
+        self._setup: dict[str, Any] | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # pending list and buffer file; held for local work only
+        self.outages = 0  # separate times the server could not be reached
+        self.sent = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.run_id = state.get("run_id")
+        self.run_id = state.get("run_id") or self.run_id
+
+    # -- the step loop's side: no MLflow calls here, only the queue --------------------------
 
     def on_fit_start(self, trainer) -> None:
         hosts = _hosts()  # a collective: every rank
         if not trainer.ctx.is_main:
             return
+        if self.run_id is None and (self.run_dir / RUN_ID_FILE).is_file():
+            self.run_id = (self.run_dir / RUN_ID_FILE).read_text().strip() or None  # made before any checkpoint
+        ctx = trainer.ctx
+        self._setup = {"hosts": hosts, "layout": f"tp{ctx.tp_size}xdp{ctx.dp_size}", "world_size": ctx.world_size,
+                       "resumed_at": trainer.step}
+        if self.buffer.is_file():  # a previous job's unsent records; the steps after its checkpoint run again
+            left = [json.loads(x) for x in self.buffer.read_text().splitlines() if x.strip()]
+            self._pending = [r for r in left if r["step"] <= trainer.step]
+            self._uncertain = True
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._send_loop, name="mlflow-logger", daemon=True)
+        self._thread.start()
+
+    def on_step_end(self, trainer, metrics) -> None:
+        if trainer.ctx.is_main:
+            self._queue.put({"step": metrics.step, "ts": int(time.time() * 1000), "metrics": metrics.as_dict()})
+
+    def on_eval_end(self, trainer, step: int, metrics: dict[str, float]) -> None:
+        if trainer.ctx.is_main:
+            self._queue.put({"step": step, "ts": int(time.time() * 1000), "metrics": dict(metrics)})
+
+    def on_rollback(self, trainer, from_step: int) -> None:
+        if trainer.ctx.is_main:
+            self._queue.put({"replayed": [trainer.step + 1, from_step]})
+
+    def on_fit_end(self, trainer) -> None:
+        if not trainer.ctx.is_main or self._thread is None:
+            return
+        status = "FINISHED" if trainer.step >= self.cfg.train.steps else "KILLED"
+        self._queue.put({"end": status})
+        self._thread.join(timeout=self.cfg.tracking.final_flush_s)
+        if self._thread.is_alive():
+            self._stop.set()
+            with self._lock:  # the sender may be stuck in a request: put everything on disk now
+                self._pending.extend(r for r in self._drain(0) if "step" in r)
+                self._write_buffer()
+            print(f"[mlflow] {self.uri} did not answer within tracking.final_flush_s="
+                  f"{self.cfg.tracking.final_flush_s:g}s; unsent records are kept in {self.buffer} and go out when "
+                  f"this run resumes, or with: mlra-mega sync-tracking {self.run_dir}", file=sys.stderr, flush=True)
+        self._thread = None
+
+    # -- the sender thread ---------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        """Client, experiment and run (created, or resumed by id), params and tags: once."""
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         from mlra_mega.train.checkpoint import package_versions
 
-        self._client = client = MlflowClient(tracking_uri=self.uri)
-        name = self.cfg.tracking.experiment
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            location = None
-            if self.uri.startswith("sqlite:") and not self.cfg.tracking.uri:
-                location = (Path(self.cfg.run.root).resolve() / "mlartifacts" / name).as_uri()
-            exp_id = client.create_experiment(name, artifact_location=location)
-        else:
-            exp_id = exp.experiment_id
+        client = MlflowClient(tracking_uri=self.uri)
+        setup = self._setup
         if self.run_id is not None:
             client.update_run(self.run_id, status="RUNNING")
-            self._logged_steps = {m.step for m in client.get_metric_history(self.run_id, "loss")}
+            resumed = setup["resumed_at"]
+            if resumed > 0:
+                # A crash mid-outage can leave steps of metrics.jsonl (up to the checkpoint) unsent.
+                mine = _steps_of(self.run_dir / "metrics.jsonl", up_to=resumed)
+                self._pending = _missing_from_server(client, self.run_id, mine) + self._pending
+                logged = [m.step for m in client.get_metric_history(self.run_id, "loss")]
+                if logged and max(logged) > resumed:
+                    _add_replayed_tag(client, self.run_id, resumed + 1, max(logged))
         else:
-            run = client.create_run(exp_id, run_name=self.run_dir.name)
-            self.run_id = run.info.run_id
+            name = self.cfg.tracking.experiment
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                location = None
+                if self.uri.startswith("sqlite:") and not self.cfg.tracking.uri:
+                    location = (Path(self.cfg.run.root).resolve() / "mlartifacts" / name).as_uri()
+                exp_id = client.create_experiment(name, artifact_location=location)
+            else:
+                exp_id = exp.experiment_id
+            run_id = client.create_run(exp_id, run_name=self.run_dir.name).info.run_id
             params = [Param(k, str(v)[:6000]) for k, v in flatten(self.cfg).items()]
             for i in range(0, len(params), _PARAM_BATCH):
-                client.log_batch(self.run_id, params=params[i:i + _PARAM_BATCH])
-            ctx = trainer.ctx
-            tags = {"git_sha": _git_sha(), "layout": f"tp{ctx.tp_size}xdp{ctx.dp_size}", "world_size": str(ctx.world_size),
-                    "zero_stage": str(self.cfg.zero.stage), "hosts": hosts, "run_dir": str(self.run_dir.resolve()),
+                client.log_batch(run_id, params=params[i:i + _PARAM_BATCH])
+            tags = {"git_sha": _git_sha(), "layout": setup["layout"], "world_size": str(setup["world_size"]),
+                    "zero_stage": str(self.cfg.zero.stage), "hosts": setup["hosts"],
+                    "run_dir": str(self.run_dir.resolve()),
                     **{f"version.{k}": v for k, v in package_versions().items()}}
             for k, v in tags.items():
-                client.set_tag(self.run_id, k, v)
-        self._thread = threading.Thread(target=self._send_loop, name="mlflow-logger", daemon=True)
-        self._thread.start()
+                client.set_tag(run_id, k, v)
+            self.run_id = run_id
+            tmp = self.run_dir / (RUN_ID_FILE + ".tmp")
+            tmp.write_text(run_id + "\n")
+            tmp.replace(self.run_dir / RUN_ID_FILE)
+        self._client = client
 
-    def on_step_end(self, trainer, metrics) -> None:
-        if trainer.ctx.is_main and metrics.step not in self._logged_steps:
-            self._queue.put((metrics.step, metrics.as_dict()))
+    def _write_buffer(self, new: list[dict[str, Any]] | None = None) -> None:
+        """All that is pending (None), or just the `new` records appended."""
+        if new is not None:
+            with self.buffer.open("a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in new))
+            return
+        tmp = self.buffer.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self._pending))
+        tmp.replace(self.buffer)
 
-    def on_eval_end(self, trainer, step: int, metrics: dict[str, float]) -> None:
-        if trainer.ctx.is_main:
-            self._queue.put((step, dict(metrics)))
-
-    def _send(self, items: list[tuple[int, dict[str, Any]]]) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for step, record in items for k, v in record.items()
-                 if k != "step" and isinstance(v, (int, float))]
-        for i in range(0, len(batch), _BATCH):
-            self._client.log_batch(self.run_id, metrics=batch[i:i + _BATCH])
+    def _drain(self, wait_s: float | None) -> list[dict[str, Any]]:
+        """Everything queued: after waiting for the first item (None), or for `wait_s` in full."""
+        items: list[dict[str, Any]] = []
+        if wait_s is None:
+            items.append(self._queue.get())
+        else:
+            deadline = time.monotonic() + wait_s
+            while (left := deadline - time.monotonic()) > 0 and not self._stop.is_set():
+                try:
+                    items.append(self._queue.get(timeout=min(left, 0.5)))
+                except queue.Empty:
+                    pass
+        while True:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                return items
 
     def _send_loop(self) -> None:
-        pending: list[tuple[int, dict[str, Any]]] = []
-        while True:
-            item = self._queue.get()
-            stop = item is None
-            if not stop:
-                pending.append(item)
-            while not self._queue.empty() and len(pending) < 200:
-                nxt = self._queue.get()
-                if nxt is None:
-                    stop = True
-                    break
-                pending.append(nxt)
+        failures, end, replayed, outage_since = 0, None, [], None
+        while not self._stop.is_set():
+            if failures:
+                wait: float | None = _RETRY_S[min(failures, len(_RETRY_S)) - 1]
+            else:
+                wait = 0 if self._pending or self._client is None else None
+            items = self._drain(wait)
+            records = [item for item in items if "step" in item]
+            for item in items:
+                if "end" in item:
+                    end = item["end"]
+                elif "replayed" in item:
+                    replayed.append(item["replayed"])
+            with self._lock:
+                self._pending.extend(records)
+                if records and failures:
+                    self._write_buffer(records)  # the server is away: what it has not got waits on disk
+                batch = list(self._pending)
             try:
-                self._send(pending)
-                pending = []
-            except Exception as exc:  # noqa: BLE001 - a tracking outage must not stop training
-                self.failures += 1
-                print(f"[mlflow] could not send {len(pending)} records ({type(exc).__name__}: {exc}); "
-                      "will retry", file=sys.stderr, flush=True)
-                time.sleep(min(30, 2 ** min(self.failures, 5)))
-            if stop:
-                if pending:
-                    try:
-                        self._send(pending)
-                    except Exception as exc:  # noqa: BLE001
-                        print(f"[mlflow] giving up on {len(pending)} records: {exc}; they are in metrics.jsonl",
-                              file=sys.stderr, flush=True)
-                return
+                if self._client is None:
+                    self._connect()
+                for first, last in replayed:
+                    _add_replayed_tag(self._client, self.run_id, first, last)
+                replayed = []
+                self.sent += _send(self._client, self.run_id, batch, check_server=self._uncertain)
+                with self._lock:
+                    del self._pending[:len(batch)]
+                    self._uncertain = bool(self._pending) and self._uncertain
+                    if failures or self.buffer.exists():
+                        self._write_buffer() if self._pending else self.buffer.unlink(missing_ok=True)
+                if failures:
+                    print(f"[mlflow] {self.uri} answers again after {time.monotonic() - outage_since:.0f}s; "
+                          "the buffered records are in", file=sys.stderr, flush=True)
+                failures = 0
+                if end is not None and not self._pending:
+                    self._client.set_terminated(self.run_id, status=end)
+                    self._log_artifacts()
+                    return
+            except Exception as exc:  # noqa: BLE001 - an outage must never stop training
+                if not failures:
+                    self.outages += 1
+                    outage_since = time.monotonic()
+                    print(f"[mlflow] cannot reach {self.uri} ({type(exc).__name__}: {str(exc)[:200]}); training "
+                          f"goes on, records wait in {self.buffer}", file=sys.stderr, flush=True)
+                failures += 1
+                with self._lock:
+                    self._uncertain = True
+                    self._write_buffer()
 
-    def flush(self) -> None:
-        """Sends everything queued so far and restarts the sender (used before a checkpoint)."""
-        if self._thread is None:
-            return
-        self._queue.put(None)
-        self._thread.join()
-        self._thread = threading.Thread(target=self._send_loop, name="mlflow-logger", daemon=True)
-        self._thread.start()
-
-    def on_fit_end(self, trainer) -> None:
-        if not trainer.ctx.is_main or self._thread is None:
-            return
-        self._queue.put(None)
-        self._thread.join()
-        self._thread = None
+    def _log_artifacts(self) -> None:
         for name in ("config.yaml", "deepspeed.json", "summary.json"):
             path = self.run_dir / name
             if path.is_file():
                 self._client.log_artifact(self.run_id, str(path))
-        status = "FINISHED" if trainer.step >= self.cfg.train.steps else "KILLED"
-        self._client.set_terminated(self.run_id, status=status)
+
+
+def sync_run(run_dir: Path, uri: str | None = None) -> int:
+    """Sends what the server lacks of a finished or stopped run: the buffer, then metrics.jsonl
+    (points missing by key and step). Returns the number of points sent."""
+    from mlflow.tracking import MlflowClient
+
+    from mlra_mega.config import load_config
+    from mlra_mega.errors import ConfigError
+
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN_ID_FILE).is_file():
+        raise ConfigError("RUN_DIR", f"{run_dir} has no {RUN_ID_FILE}: its MLflow run was never created",
+                          "give a run directory whose run reached the tracking server or store once")
+    cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else load_config()
+    client = MlflowClient(tracking_uri=uri or tracking_uri(cfg))
+    run_id = (run_dir / RUN_ID_FILE).read_text().strip()
+    sent = 0
+    if (run_dir / BUFFER).is_file():
+        left = [json.loads(x) for x in (run_dir / BUFFER).read_text().splitlines() if x.strip()]
+        sent += _send(client, run_id, left, check_server=True)
+        (run_dir / BUFFER).unlink()
+    sent += _send(client, run_id, _missing_from_server(client, run_id, _steps_of(run_dir / "metrics.jsonl")),
+                  check_server=False)
+    return sent

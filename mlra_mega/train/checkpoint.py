@@ -255,11 +255,7 @@ def sidecar_for(cfg: RunConfig, step: int, consumed_samples: int, callbacks: dic
 
 
 class Checkpointer(Callback):
-    """A checkpoint every `checkpoint.interval` steps and at the last step (put it last).
-
-    Anything with a `flush()` (the MLflow logger) is flushed first, so what a checkpoint says
-    was logged has been sent.
-    """
+    """A checkpoint every `checkpoint.interval` steps and at the last step (put it last)."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, tokenizer_dir: Path | None) -> None:
         self.cfg, self.root, self.tokenizer_dir = cfg, run_dir / "checkpoints", tokenizer_dir
@@ -275,9 +271,6 @@ class Checkpointer(Callback):
             self.save(trainer)
 
     def save(self, trainer: Any) -> Checkpoint:
-        for cb in trainer.callbacks:
-            if hasattr(cb, "flush"):
-                cb.flush()
         states = {type(cb).__name__: cb.state_dict() for cb in trainer.callbacks}
         ctx = trainer.ctx
         sidecar = sidecar_for(self.cfg, trainer.step, trainer.batches.consumed_samples, states, ctx.tp_size,
