@@ -75,7 +75,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_stacks(args: argparse.Namespace) -> int:
     from mlra_mega.errors import ConfigError
-    from mlra_mega.train.diagnosis import request_stacks
+    from mlra_mega.train.rank_logs import request_stacks
 
     results = request_stacks(Path(args.run_dir))
     if not results:

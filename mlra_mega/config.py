@@ -33,6 +33,7 @@ __all__ = [
     "DataConfig",
     "MetricsConfig",
     "EvalConfig",
+    "DiagnosticsConfig",
     "CheckpointConfig",
     "FaultsConfig",
     "TrackingConfig",
@@ -278,6 +279,33 @@ class MetricsConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    """Stability instruments, logged with the step's metrics (all off or cheap by default)."""
+
+    interval: int = 0  # per-layer gradient / parameter norms and residual variance every N steps (0 = off)
+    layers: list[int] | None = None  # transformer layers to report (None = all); embedding and head always
+    spike_window: int = 100  # loss spike score: z against the trailing N steps
+    spike_threshold: float = 6.0  # a spike is z above this
+    spike_min_history: int = 20  # steps in the window before scores start
+    tev_jump: float = 0.1  # alert when TEV mean moves by more than this fraction between measurements
+    grad_variance_interval: int = 0  # gradient variance across micro-batches every N steps (expensive; ZeRO 0/1)
+
+    def validate(self, prefix: str = "diagnostics") -> None:
+        for name in ("interval", "grad_variance_interval"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}",
+                                  "use 0 to turn it off, or N for every N steps")
+        _require_positive(f"{prefix}.spike_window", self.spike_window)
+        _require_positive(f"{prefix}.spike_min_history", self.spike_min_history)
+        if not self.spike_threshold > 0 or not self.tev_jump > 0:
+            raise ConfigError(f"{prefix}.spike_threshold" if not self.spike_threshold > 0 else f"{prefix}.tev_jump",
+                              "must be > 0", "give a positive threshold")
+        if self.layers is not None and any(i < 0 for i in self.layers):
+            raise ConfigError(f"{prefix}.layers", f"layer indices must be >= 0, got {self.layers}",
+                              "give 0-based layer indices, or null for all")
+
+
+@dataclass
 class EvalConfig:
     """Validation every `interval` steps (0 = off) over `iters` batches."""
 
@@ -371,6 +399,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -383,6 +412,15 @@ class RunConfig:
             if hasattr(section, "validate"):
                 section.validate(f.name)
         check_tensor_parallel(self.model, self.parallel.tensor)
+        d = self.diagnostics
+        if d.layers is not None and any(i >= self.model.num_layers for i in d.layers):
+            raise ConfigError("diagnostics.layers", f"{d.layers} names a layer the model does not have "
+                              f"(model.num_layers={self.model.num_layers})", "give indices below model.num_layers")
+        if d.grad_variance_interval and self.zero.stage >= 2:
+            raise ConfigError("diagnostics.grad_variance_interval",
+                              f"needs each micro-batch's gradient, which ZeRO-{self.zero.stage} reduces and "
+                              "partitions during backward before it can be read",
+                              "use zero.stage=0 or 1 for this diagnostic, or set it to 0")
         if self.parallel.pipeline > 1:
             if self.zero.stage >= 2:
                 raise ConfigError("zero.stage", f"ZeRO-{self.zero.stage} cannot combine with pipeline parallelism "

@@ -23,6 +23,10 @@ class Callback:
 
     def on_fit_start(self, trainer: "Trainer") -> None: ...
 
+    def on_before_optimizer_step(self, trainer: "Trainer") -> None:
+        """After the step's last backward, before the optimizer: the reduced gradients exist
+        (read them with deepspeed.utils.safe_get_full_grad, a collective under ZeRO)."""
+
     def on_step_end(self, trainer: "Trainer", metrics: "StepMetrics") -> None: ...
 
     def on_eval_end(self, trainer: "Trainer", step: int, metrics: dict[str, float]) -> None: ...

@@ -26,8 +26,9 @@ from mlra_mega.data.datasets import SampleOrder, TrainBatches, build_datasets
 from mlra_mega.data.tokenizer import check_vocab, load_tokenizer
 from mlra_mega.distributed import ParallelContext, launch_env
 from mlra_mega.train.callbacks import Callback, ConsoleLogger, MetricsFile, RunSummary
-from mlra_mega.train.diagnosis import RankLog, Watchdog
+from mlra_mega.train.rank_logs import RankLog, Watchdog
 from mlra_mega.train.checkpoint import Checkpointer, check_compatible, find_checkpoint, read_sidecar
+from mlra_mega.train.stability import stability_callbacks
 from mlra_mega.train.signals import PREEMPTED, PreemptionGuard, install_handlers, restore_handlers
 from mlra_mega.train.trainer import StepMetrics, Trainer
 
@@ -47,6 +48,10 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
                           f"{t.global_batch_size} is not divisible by micro_batch_size x data-parallel size "
                           f"= {t.micro_batch_size} x {dp} (world {world_size} / tensor {tp})",
                           f"use a multiple of {t.micro_batch_size * dp}, or change train.micro_batch_size")
+    if cfg.diagnostics.grad_variance_interval and t.global_batch_size // t.micro_batch_size < 2:
+        raise ConfigError("diagnostics.grad_variance_interval", f"needs at least two micro-batches per step, "
+                          f"this layout has {t.global_batch_size // t.micro_batch_size}",
+                          "lower train.micro_batch_size, or set it to 0")
     if cfg.faults.inject_nan_step is not None and cfg.faults.inject_nan_rank >= world_size:
         raise ConfigError("faults.inject_nan_rank", f"{cfg.faults.inject_nan_rank} is not a rank of this "
                           f"{world_size}-process job", f"give a rank below {world_size}")
@@ -127,8 +132,9 @@ def _run(cfg: RunConfig, ctx: ParallelContext, engine, batches: TrainBatches, da
         log(f"[train] run dir {run_dir}; {ctx.world_size} processes = tensor {ctx.tp_size} x data {ctx.dp_size}, "
             f"ZeRO-{cfg.zero.stage}, {cfg.train.precision}"
             + (f"; resuming {ckpt.path} at step {sidecar['step']}" if ckpt else ""))
-    standard: list[Callback] = [ConsoleLogger(), MetricsFile(run_dir / "metrics.jsonl"),
-                                RunSummary(run_dir / "summary.json")]
+    main_log = log if ctx.is_main else lambda s: None
+    standard: list[Callback] = [*stability_callbacks(cfg, main_log), ConsoleLogger(),
+                                MetricsFile(run_dir / "metrics.jsonl"), RunSummary(run_dir / "summary.json")]
     if cfg.tracking.enabled:
         from mlra_mega.tracking.mlflow import MLflowLogger
 
@@ -136,7 +142,7 @@ def _run(cfg: RunConfig, ctx: ParallelContext, engine, batches: TrainBatches, da
     checkpointer = Checkpointer(cfg, run_dir, Path(cfg.data.tokenizer))
     guard = PreemptionGuard(run_dir, checkpointer, cfg.checkpoint.sigterm_save_s, cfg.faults.peer_timeout_s)
     trainer = Trainer(cfg, ctx, engine, batches, data.valid, [*standard, *callbacks, checkpointer, guard],
-                      run_dir=run_dir, log=log if ctx.is_main else lambda s: None)
+                      run_dir=run_dir, log=main_log)
     if ckpt is not None:
         trainer.restore(ckpt, sidecar)
     if ctx.is_main:

@@ -100,10 +100,10 @@ class PreemptionGuard(Callback):
               f"faults.peer_timeout_s={self.peer_timeout_s:g}s ({str(exc).splitlines()[0][:200]}); exiting without "
               "a checkpoint: the restart resumes from the last complete one", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        from mlra_mega.train import diagnosis
+        from mlra_mega.train import rank_logs
 
-        if diagnosis.current() is not None:
-            diagnosis.current().close()  # os._exit skips every finally: hand the log its last lines now
+        if rank_logs.current() is not None:
+            rank_logs.current().close()  # os._exit skips every finally: hand the log its last lines now
         os._exit(1)
 
     def on_step_end(self, trainer: Any, metrics: Any) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,13 @@ class StepMetrics:
     tev_std: float | None = None
     skipped_steps: int = 0  # non-finite steps skipped so far in this run
     skipped: int | None = None  # 1 on a step that was skipped
+    # Diagnostics callbacks (placed before the writers) add their values here in on_step_end.
+    extra: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        out = {k: v for k, v in asdict(self).items() if v is not None and k != "extra"}
+        out.update(self.extra)
+        return out
 
 
 def embedding_tev(model: torch.nn.Module, vocab_size: int, tp_group: dist.ProcessGroup | None) -> TEVStats:
@@ -110,6 +114,8 @@ class Trainer:
                     # DeepSpeed keeps no norm at ZeRO-0; the gradients are DP-reduced by now.
                     own_norm = tensor_parallel_grad_norm(self.model, self.tp_group)
                 self.nonfinite.agree()
+                for cb in self.callbacks:
+                    cb.on_before_optimizer_step(self)
             self.engine.step()
             losses.append(loss)
         skipped = self.nonfinite.end_step(self.engine, self.step + 1)

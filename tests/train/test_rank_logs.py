@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mlra_mega.cli import main
-from mlra_mega.train.diagnosis import RankLog, Watchdog, log_paths
+from mlra_mega.train.rank_logs import RankLog, Watchdog, log_paths
 from tests.train.test_checkpoint import overrides
 from tests.train.test_signals import finish, launch, wait_for_steps
 

@@ -1,0 +1,256 @@
+"""Stability callbacks: per-layer norms, residual variance, loss spikes, gradient variance.
+
+They run on every rank, add their values to the step's metrics (so metrics.jsonl and MLflow get
+them; they sit before the writers in the callback list), and keep their state across a resume.
+The statistics themselves are in `mlra_mega.metrics.stability`.
+
+- `LayerNorms` (every `diagnostics.interval` steps): pre-clip gradient norm and parameter norm
+  per layer, `grad_norm/<group>`, `param_norm/<group>`. Gradients are read between the last
+  backward and the optimizer with DeepSpeed's `safe_get_full_grad` (reduced, whole; ZeRO 0-3).
+- `ResidualProbe` (same interval): `resid_var/layer_00` (embedding output) .. `layer_L`, from
+  forward hooks over the step's whole batch (every micro-batch, every data-parallel rank), so
+  every layout reports the same value.
+- `SpikeMonitor` (every step): `loss_spike_score`, `loss_spikes` (count), `tev_jumps` (count of
+  TEV means moving by more than `diagnostics.tev_jump` between measurements).
+- `GradVariance` (every `diagnostics.grad_variance_interval` steps, ZeRO 0/1): `grad_var` and
+  `grad_var_embedding`, the variance across the step's micro-batches (all data-parallel ranks'),
+  and at the last step the Spearman correlations of TEV mean with the embedding one, raw and on
+  first differences (`tev_gradvar_spearman`, `tev_gradvar_spearman_diff`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mlra_mega.config import RunConfig
+from mlra_mega.metrics.stability import (SpikeDetector, grad_variance, group_of, moments, norms_by_group, spearman,
+                                         sum_of_squares, variance_from_moments)
+from mlra_mega.train.callbacks import Callback
+
+__all__ = ["GradVariance", "LayerNorms", "ResidualProbe", "SpikeMonitor", "stability_callbacks"]
+
+
+def _tp() -> tuple[int, Any]:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_group()
+
+
+def _sharded(p: torch.nn.Parameter) -> bool:
+    return bool(getattr(p, "tensor_model_parallel", False))
+
+
+def _full_grad(p: torch.nn.Parameter) -> torch.Tensor:
+    from deepspeed.utils import safe_get_full_grad
+
+    g = safe_get_full_grad(p)
+    return torch.zeros_like(p) if g is None else g
+
+
+def _end_step(cfg: RunConfig) -> int:
+    return cfg.train.stop_at or cfg.train.steps
+
+
+class LayerNorms(Callback):
+    def __init__(self, cfg: RunConfig) -> None:
+        self.interval, self.layers = cfg.diagnostics.interval, cfg.diagnostics.layers
+        self._grads: dict[str, float] = {}
+
+    def _wanted(self, name: str) -> bool:
+        group = group_of(name)
+        return self.layers is None or not group.startswith("layer_") or int(group[6:]) in self.layers
+
+    def on_before_optimizer_step(self, trainer: Any) -> None:
+        if (trainer.step + 1) % self.interval:
+            return
+        tp_rank, tp_group = _tp()
+        named = [(n, _full_grad(p), _sharded(p)) for n, p in trainer.model.named_parameters() if self._wanted(n)]
+        self._grads = norms_by_group(named, tp_rank, tp_group)
+
+    def on_step_end(self, trainer: Any, metrics: Any) -> None:
+        if metrics.step % self.interval:
+            return
+        tp_rank, tp_group = _tp()
+        params = [(n, p) for n, p in trainer.model.named_parameters() if self._wanted(n)]
+        if any(hasattr(p, "ds_id") for _, p in params):  # ZeRO-3: gather the partitions first
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+                norms = norms_by_group([(n, p, _sharded(p)) for n, p in params], tp_rank, tp_group)
+        else:
+            norms = norms_by_group([(n, p, _sharded(p)) for n, p in params], tp_rank, tp_group)
+        metrics.extra.update({f"grad_norm/{k}": v for k, v in self._grads.items()})
+        metrics.extra.update({f"param_norm/{k}": v for k, v in norms.items()})
+
+
+class ResidualProbe(Callback):
+    def __init__(self, cfg: RunConfig) -> None:
+        self.interval, self.layers = cfg.diagnostics.interval, cfg.diagnostics.layers
+        self.sequence_parallel = cfg.parallel.sequence_parallel
+        self._moments: dict[tuple[str, int], torch.Tensor] = {}
+        self._micro = -1  # the micro-batch the forward is on: the embedding runs once per micro-batch
+        self._trainer: Any = None
+        self._handles: list[Any] = []
+
+    def _hook(self, key: str):
+        def record(module: torch.nn.Module, args: Any, output: Any) -> None:
+            t = self._trainer
+            if not module.training or (t.step + 1) % self.interval:  # not evaluation, not another step
+                return
+            if key == "layer_00":
+                self._micro += 1
+            if (key, self._micro) in self._moments:  # activation checkpointing's recomputation
+                return
+            hidden = output[0] if isinstance(output, tuple) else output
+            tp_rank, _ = _tp()
+            m = moments(hidden)
+            # Without sequence parallelism every TP rank holds the same hidden states: count them once.
+            self._moments[key, self._micro] = m if (self.sequence_parallel or tp_rank == 0) else torch.zeros_like(m)
+        return record
+
+    def on_fit_start(self, trainer: Any) -> None:
+        self._trainer = trainer
+        model = trainer.model
+        self._handles = [model.embedding.register_forward_hook(self._hook("layer_00"))]
+        for i, layer in enumerate(model.decoder.layers):
+            if self.layers is None or i in self.layers:
+                self._handles.append(layer.register_forward_hook(self._hook(f"layer_{i + 1:02d}")))
+
+    def on_step_end(self, trainer: Any, metrics: Any) -> None:
+        if metrics.step % self.interval:
+            return
+        keys = sorted({k for k, _ in self._moments})
+        stacked = torch.stack([sum(m for (k, _), m in self._moments.items() if k == key) for key in keys])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(stacked)  # every micro-batch of every data-parallel rank: the whole batch
+        metrics.extra.update({f"resid_var/{k}": variance_from_moments(m) for k, m in zip(keys, stacked.cpu())})
+        self._moments, self._micro = {}, -1
+
+    def on_fit_end(self, trainer: Any) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+class SpikeMonitor(Callback):
+    def __init__(self, cfg: RunConfig, log=print) -> None:
+        d = cfg.diagnostics
+        self.detector = SpikeDetector(d.spike_window, d.spike_threshold, d.spike_min_history)
+        self.tev_jump, self.min_history, self.log = d.tev_jump, d.spike_min_history, log
+        self.prev_tev: float | None = None
+        self.tev_jumps = 0
+
+    def on_step_end(self, trainer: Any, metrics: Any) -> None:
+        before = self.detector.spikes
+        score = self.detector.update(metrics.loss)
+        if score is not None:
+            metrics.extra["loss_spike_score"] = score
+        if self.detector.spikes > before:
+            self.log(f"[stability] loss spike at step {metrics.step}: loss {metrics.loss:.4f}, z = {score:.1f} "
+                     f"({self.detector.spikes} in this run)")
+        if metrics.tev_mean is not None:
+            prev, self.prev_tev = self.prev_tev, metrics.tev_mean
+            if prev and metrics.step > self.min_history and abs(metrics.tev_mean - prev) / prev > self.tev_jump:
+                self.tev_jumps += 1
+                self.log(f"[stability] TEV jump at step {metrics.step}: {prev:.5f} -> {metrics.tev_mean:.5f}")
+        metrics.extra["loss_spikes"] = self.detector.spikes
+        metrics.extra["tev_jumps"] = self.tev_jumps
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"detector": self.detector.state_dict(), "prev_tev": self.prev_tev, "tev_jumps": self.tev_jumps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.detector.load_state_dict(state.get("detector", {}))
+        self.prev_tev, self.tev_jumps = state.get("prev_tev"), int(state.get("tev_jumps", 0))
+
+
+class GradVariance(Callback):
+    def __init__(self, cfg: RunConfig, log=print) -> None:
+        self.cfg, self.interval, self.log = cfg, cfg.diagnostics.grad_variance_interval, log
+        self.series: list[tuple[int, float, float]] = []  # (step, TEV mean, embedding gradient variance)
+        self._micro = torch.zeros(2, dtype=torch.float64)  # sum over micro-batches of ||g_m||^2: all, embedding
+        self._values: dict[str, float] = {}
+        self._trainer: Any = None
+
+    def _due(self) -> bool:
+        t = self._trainer
+        return t.model.training and (t.step + 1) % self.interval == 0
+
+    def on_fit_start(self, trainer: Any) -> None:
+        self._trainer = trainer
+        tp_rank, _ = _tp()
+        scale = float(trainer.engine.gradient_accumulation_steps())  # DeepSpeed divides each loss by it
+        for name, p in trainer.model.named_parameters():
+            if not p.requires_grad or not (_sharded(p) or tp_rank == 0):
+                continue
+            slot = name == "embedding.word_embeddings.weight"
+
+            def watch(grad: torch.Tensor, slot: bool = slot) -> None:
+                if self._due():
+                    sq = sum_of_squares(grad).cpu() * scale * scale
+                    self._micro[0] += sq
+                    if slot:
+                        self._micro[1] += sq
+
+            p.register_hook(watch)
+
+    def on_before_optimizer_step(self, trainer: Any) -> None:
+        if (trainer.step + 1) % self.interval:
+            return
+        tp_rank, tp_group = _tp()
+        mean_sq = torch.zeros(4, dtype=torch.float64)  # ||g_bar||^2 all, embedding; numel all, embedding
+        for name, p in trainer.model.named_parameters():
+            g = _full_grad(p)  # a collective under ZeRO-1: every rank, every parameter
+            if _sharded(p) or tp_rank == 0:
+                sq, emb = sum_of_squares(g).cpu(), name == "embedding.word_embeddings.weight"
+                mean_sq += torch.tensor([sq, sq if emb else 0.0, p.numel(), p.numel() if emb else 0.0],
+                                        dtype=torch.float64)
+        micro = self._micro.clone()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(micro)  # every micro-batch of every data-parallel rank
+            if tp_group is not None and dist.get_world_size(tp_group) > 1:
+                dist.all_reduce(mean_sq, group=tp_group)  # g_bar is the same on every DP rank
+        n = trainer.engine.gradient_accumulation_steps() * trainer.ctx.dp_size
+        self._values = {"grad_var": grad_variance(float(micro[0]), n, float(mean_sq[0]), int(mean_sq[2])),
+                        "grad_var_embedding": grad_variance(float(micro[1]), n, float(mean_sq[1]), int(mean_sq[3]))}
+        self._micro.zero_()
+
+    def on_step_end(self, trainer: Any, metrics: Any) -> None:
+        from mlra_mega.train.trainer import embedding_tev
+
+        if metrics.step % self.interval == 0 and self._values:
+            metrics.extra.update(self._values)
+            tev = metrics.tev_mean
+            if tev is None:
+                tev = embedding_tev(trainer.model, self.cfg.model.vocab_size, _tp()[1]).mean
+            self.series.append((metrics.step, tev, self._values["grad_var_embedding"]))
+            self._values = {}
+        if metrics.step == _end_step(self.cfg) and len(self.series) >= 3:
+            tev = [s[1] for s in self.series]
+            var = [s[2] for s in self.series]
+            raw = spearman(tev, var)
+            diff = spearman([b - a for a, b in zip(tev, tev[1:])], [b - a for a, b in zip(var, var[1:])])
+            for key, value in (("tev_gradvar_spearman", raw), ("tev_gradvar_spearman_diff", diff)):
+                if value is not None:
+                    metrics.extra[key] = value
+            self.log(f"[stability] Spearman of TEV mean with the embedding gradient variance over "
+                     f"{len(self.series)} steps: {raw if raw is None else round(raw, 3)} raw, "
+                     f"{diff if diff is None else round(diff, 3)} on first differences")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"series": [list(s) for s in self.series]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.series = [tuple(s) for s in state.get("series", [])]
+
+
+def stability_callbacks(cfg: RunConfig, log=print) -> list[Callback]:
+    """The stability callbacks this config turns on (the spike monitor always)."""
+    out: list[Callback] = [SpikeMonitor(cfg, log)]
+    if cfg.diagnostics.interval:
+        out += [LayerNorms(cfg), ResidualProbe(cfg)]
+    if cfg.diagnostics.grad_variance_interval:
+        out.append(GradVariance(cfg, log))
+    return out
