@@ -73,6 +73,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from mlra_mega.sweep import load_spec, run_sweep
+
+    submit = None
+    if args.submit:
+        from mlra_mega.slurm import SubmitOptions
+        from mlra_mega.slurm import submit as sbatch
+
+        def submit(member_yaml: Path) -> str:
+            opts = SubmitOptions(config=str(member_yaml), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                                 tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
+                                 partition=args.partition, account=args.account, time=args.time, cpu=args.cpu,
+                                 job_name=f"mlra-{member_yaml.parent.name}")
+            out = sbatch(opts, dry_run=args.dry_run)
+            return "dry run: script printed above" if args.dry_run and print(out) is None else f"submitted job {out}"
+
+    outcomes = run_sweep(load_spec(args.spec, args.seeds), submit=submit)
+    print(f"[sweep] {len(outcomes)} members: " + ", ".join(f"{name} {what}" for name, what in outcomes))
+    return 0
+
+
 def _cmd_stacks(args: argparse.Namespace) -> int:
     from mlra_mega.errors import ConfigError
     from mlra_mega.train.rank_logs import request_stacks
@@ -168,6 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="CPU nodes with gloo (no GPUs asked for)")
     p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
     p.set_defaults(func=_cmd_submit)
+
+    p = sub.add_parser("sweep", help="run a grid of runs (variants x depths x seeds) under one MLflow parent run")
+    p.add_argument("spec", metavar="SPEC.yaml")
+    p.add_argument("--seeds", type=int, default=None, help="this many seeds (0..N-1) instead of the spec's")
+    p.add_argument("--submit", action="store_true", help="hand each member to Slurm (needs a tracking server)")
+    for flag, default in (("--nodes", 1), ("--gpus-per-node", 8), ("--tasks-per-node", None), ("--cpus-per-task", 8)):
+        p.add_argument(flag, type=int, default=default, help="with --submit: as for `submit`")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--time", default="24:00:00")
+    p.add_argument("--cpu", action="store_true", help="with --submit: CPU nodes with gloo")
+    p.add_argument("--dry-run", action="store_true", help="with --submit: print the scripts, submit nothing")
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("stacks", help="dump the Python stacks of every rank of a running job into its logs/")
     p.add_argument("run_dir", metavar="RUN_DIR")

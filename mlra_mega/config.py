@@ -371,8 +371,13 @@ class TrackingConfig:
     uri: str | None = None
     experiment: str = "default"
     final_flush_s: float = 60.0  # at the end, how long to wait for an unreachable server before leaving a buffer
+    parent_run_id: str | None = None  # make this run a child of that MLflow run (sweeps set it)
+    tags: list[str] = field(default_factory=list)  # extra run tags, "key=value"
 
     def validate(self, prefix: str = "tracking") -> None:
+        bad = [t for t in self.tags if "=" not in t or not t.split("=", 1)[0].strip()]
+        if bad:
+            raise ConfigError(f"{prefix}.tags", f"{bad} are not key=value", "write each tag as key=value")
         if self.final_flush_s < 0:
             raise ConfigError(f"{prefix}.final_flush_s", f"must be >= 0, got {self.final_flush_s}",
                               "give the seconds to wait for the tracking server at the end of a run")

@@ -250,7 +250,10 @@ class MLflowLogger(Callback):
             tags = {"git_sha": _git_sha(), "layout": setup["layout"], "world_size": str(setup["world_size"]),
                     "zero_stage": str(self.cfg.zero.stage), "hosts": setup["hosts"],
                     "run_dir": str(self.run_dir.resolve()),
-                    **{f"version.{k}": v for k, v in package_versions().items()}}
+                    **{f"version.{k}": v for k, v in package_versions().items()},
+                    **dict(t.split("=", 1) for t in self.cfg.tracking.tags)}
+            if self.cfg.tracking.parent_run_id:
+                tags["mlflow.parentRunId"] = self.cfg.tracking.parent_run_id
             for k, v in tags.items():
                 client.set_tag(run_id, k, v)
             self.run_id = run_id

@@ -1,0 +1,173 @@
+"""`mlra-mega sweep SPEC.yaml`: a grid of training runs under one MLflow parent run.
+
+A spec names a base config, overrides for every member, the axes and the seeds:
+
+    name: depth-study            # the parent run; members go to <run.root>/<experiment>/<name>/<member>
+    base: ../quickstart.yaml     # relative to the spec file
+    overrides: [train.steps=200]
+    axes:
+      variant: [vanilla, mlra]   # the presets of mlra_mega.variants
+      model.num_layers: [4, 8]   # any dotted config key
+    seeds: [1, 2]                # or a count (seeds 0..N-1); --seeds N overrides it
+
+Every member is one run with its own run directory, a child of the parent run in one tracking
+store (tags: sweep, variant, every axis, seed). Members whose run finished are skipped; an
+interrupted one resumes from its checkpoint. Locally the members run one after another in this
+process (under torchrun, every rank runs the same loop); with `--submit` each is handed to Slurm
+instead, which needs a tracking server (several jobs must not share one SQLite file).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlra_mega.config import ConfigError, RunConfig, load_config, to_dict
+from mlra_mega.variants import variant_overrides
+
+__all__ = ["Member", "SweepSpec", "load_spec", "members", "run_sweep"]
+
+_SHORT = {"variant": "", "model.num_layers": "L", "model.hidden_size": "d", "optim.lr": "lr"}
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    base: Path | None
+    overrides: list[str]
+    axes: dict[str, list[Any]]
+    seeds: list[int]
+    path: Path
+
+
+@dataclass
+class Member:
+    name: str
+    labels: dict[str, Any]
+    cfg: RunConfig
+    overrides: list[str] = field(default_factory=list)
+
+
+def load_spec(path: str | Path, seeds: int | None = None) -> SweepSpec:
+    """The spec at `path`, checked; `seeds` (a count) replaces the spec's seeds."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("sweep", f"{path} not found", "give the path of a sweep spec YAML")
+    data = yaml.safe_load(path.read_text()) or {}
+    unknown = set(data) - {"name", "base", "overrides", "axes", "seeds"}
+    if unknown:
+        raise ConfigError(f"sweep.{sorted(unknown)[0]}", "is not a sweep spec key",
+                          "use name, base, overrides, axes, seeds")
+    name = data.get("name")
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ConfigError("sweep.name", f"must be a non-empty name without '/', got {name!r}",
+                          "name the sweep, e.g. name: depth-study")
+    base = (path.parent / data["base"]).resolve() if data.get("base") else None
+    if base is not None and not base.is_file():
+        raise ConfigError("sweep.base", f"{base} not found", "give the base config relative to the spec file")
+    axes = data.get("axes") or {}
+    if not isinstance(axes, dict) or not axes or any(not isinstance(v, list) or not v for v in axes.values()):
+        raise ConfigError("sweep.axes", f"must map each axis to a non-empty list, got {axes!r}",
+                          "e.g. axes: {variant: [vanilla, mlra], model.num_layers: [4, 8]}")
+    raw_seeds = seeds if seeds is not None else data.get("seeds", 1)
+    seed_list = list(range(raw_seeds)) if isinstance(raw_seeds, int) else raw_seeds
+    if not seed_list or not all(isinstance(s, int) for s in seed_list):
+        raise ConfigError("sweep.seeds", f"must be a positive count or a list of integers, got {raw_seeds!r}",
+                          "e.g. seeds: 3, or seeds: [1, 2, 3]")
+    overrides = [str(x) for x in data.get("overrides") or []]
+    return SweepSpec(name, base, overrides, axes, seed_list, path)
+
+
+def members(spec: SweepSpec) -> list[Member]:
+    """Every member of the grid with its resolved, validated config."""
+    root_cfg = load_config(spec.base, spec.overrides)
+    sweep_dir = Path(root_cfg.run.root) / root_cfg.tracking.experiment / spec.name
+    out = []
+    keys = list(spec.axes)
+    for combo in itertools.product(*spec.axes.values()):
+        for seed in spec.seeds:
+            labels = dict(zip(keys, combo))
+            name = "-".join(f"{_SHORT.get(k, k.rsplit('.', 1)[-1] + '_')}{v}" for k, v in labels.items()) + f"-s{seed}"
+            overrides = [*spec.overrides, *(f"{k}={v}" for k, v in labels.items() if k != "variant"),
+                         f"train.seed={seed}"]
+            if "variant" in labels:
+                overrides += variant_overrides(str(labels["variant"]), load_config(spec.base, overrides).model)
+            tags = [f"sweep={spec.name}", f"seed={seed}", *(f"{k}={v}" for k, v in labels.items())]
+            overrides += [f"run.dir={sweep_dir / name}", f"run.name={name}", f"tracking.tags={tags!r}"]
+            out.append(Member(name, {**labels, "seed": seed}, load_config(spec.base, overrides), overrides))
+    return out
+
+
+def finished(member: Member) -> bool:
+    summary = Path(member.cfg.run.dir) / "summary.json"
+    return summary.is_file() and json.loads(summary.read_text()).get("steps", 0) >= member.cfg.train.steps
+
+
+def _parent_run(spec: SweepSpec, cfg: RunConfig) -> str:
+    """The parent MLflow run of the sweep (found by name, else created)."""
+    from mlflow.tracking import MlflowClient
+
+    from mlra_mega.tracking.mlflow import tracking_uri
+
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        location = None
+        if not cfg.tracking.uri and tracking_uri(cfg).startswith("sqlite:"):
+            location = (Path(cfg.run.root).resolve() / "mlartifacts" / cfg.tracking.experiment).as_uri()
+        exp_id = client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+    found = client.search_runs([exp_id], filter_string=f"tags.sweep_parent = '{spec.name}'")
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(exp_id, run_name=spec.name, tags={"sweep_parent": spec.name,
+                                                              "sweep_spec": spec.path.read_text()[:5000]})
+    return run.info.run_id
+
+
+def run_sweep(spec: SweepSpec, *, submit: Callable[[Path], str] | None = None,
+              log: Callable[[str], None] = print) -> list[tuple[str, str]]:
+    """Runs (or, with `submit`, hands to Slurm) every member not yet finished: [(member, outcome)]."""
+    from mlra_mega.distributed import launch_env
+    from mlra_mega.tracking.mlflow import tracking_uri
+
+    grid = members(spec)
+    cfg = grid[0].cfg
+    if submit is not None and cfg.tracking.enabled and not tracking_uri(cfg).startswith(("http://", "https://")):
+        raise ConfigError("tracking.uri", f"{tracking_uri(cfg)} is a file store: the sweep's Slurm jobs would "
+                          "write one SQLite file at once", "start an MLflow tracking server and give "
+                          "tracking.uri=http://HOST:PORT (or MLFLOW_TRACKING_URI)")
+    parent = _parent_run(spec, cfg) if cfg.tracking.enabled and launch_env().rank == 0 else None
+    outcomes = []
+    for i, member in enumerate(grid, 1):
+        head = f"[sweep] {spec.name} {i}/{len(grid)} {member.name}"
+        if finished(member):
+            log(f"{head}: finished before, skipped")
+            outcomes.append((member.name, "skipped"))
+            continue
+        overrides = [*member.overrides, f"tracking.parent_run_id={parent}"] if parent else member.overrides
+        member_cfg = load_config(spec.base, overrides)
+        if submit is not None:
+            run_dir = Path(member_cfg.run.dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "member.yaml").write_text(yaml.safe_dump(to_dict(member_cfg), sort_keys=False))
+            outcomes.append((member.name, submit(run_dir / "member.yaml")))
+            log(f"{head}: {outcomes[-1][1]}")
+            continue
+        from mlra_mega.train.run import train
+
+        log(f"{head}: {'resuming' if (Path(member_cfg.run.dir) / 'metrics.jsonl').exists() else 'starting'}")
+        history, _ = train(member_cfg, log=log)
+        outcomes.append((member.name, f"done at step {history[-1].step}" if history else "done"))
+    if parent is not None and submit is None:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=tracking_uri(cfg)).set_terminated(parent, status="FINISHED")
+    return outcomes
