@@ -94,6 +94,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from mlra_mega.report import build_report
+
+    build_report(args.target, args.tracking_uri, Path(args.out or f"reports/{args.target}"))
+    return 0
+
+
 def _cmd_stacks(args: argparse.Namespace) -> int:
     from mlra_mega.errors import ConfigError
     from mlra_mega.train.rank_logs import request_stacks
@@ -202,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="with --submit: CPU nodes with gloo")
     p.add_argument("--dry-run", action="store_true", help="with --submit: print the scripts, submit nothing")
     p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("report", help="Markdown report with plots of a sweep (parent run) or an experiment")
+    p.add_argument("target", metavar="PARENT_RUN_OR_EXPERIMENT", help="a parent run id, a sweep name or an experiment")
+    p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or the embedded store under runs/")
+    p.add_argument("--out", default=None, help="output directory (default: reports/TARGET)")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("stacks", help="dump the Python stacks of every rank of a running job into its logs/")
     p.add_argument("run_dir", metavar="RUN_DIR")

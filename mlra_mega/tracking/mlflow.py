@@ -225,6 +225,11 @@ class MLflowLogger(Callback):
         setup = self._setup
         if self.run_id is not None:
             client.update_run(self.run_id, status="RUNNING")
+            extra = dict(t.split("=", 1) for t in self.cfg.tracking.tags)
+            if self.cfg.tracking.parent_run_id:  # a run started alone, resumed as a sweep's member
+                extra["mlflow.parentRunId"] = self.cfg.tracking.parent_run_id
+            for k, v in extra.items():
+                client.set_tag(self.run_id, k, v)
             resumed = setup["resumed_at"]
             if resumed > 0:
                 # A crash mid-outage can leave steps of metrics.jsonl (up to the checkpoint) unsent.
