@@ -162,6 +162,40 @@ def _task_of(proc, job: str) -> str | None:
     return env.get("SLURM_PROCID") if env.get("SLURM_JOB_ID") == job and "launchers/train.py" in cmd else None
 
 
+def test_sweep_submits_each_member_and_they_report_to_one_server(cluster, tmp_path: Path, tokenizer_dir: Path,
+                                                                 sample_dataset: str, capsys) -> None:
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from tests.tracking.test_mlflow import Server
+
+    server = Server(tmp_path)
+    server.start()
+    try:
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(yaml.safe_dump({
+            "name": "submitted", "base": str(REPO / "configs" / "quickstart.yaml"),
+            "overrides": [*overrides(tokenizer_dir, sample_dataset, tmp_path / "unused", "train.steps=20",
+                                     "eval.interval=0", f"tracking.uri={server.uri}")],
+            "axes": {"variant": ["vanilla", "mlra"]}, "seeds": 1}, sort_keys=False))
+        assert main(["sweep", str(spec), "--submit", "--cpu", "--tasks-per-node", "1", "--cpus-per-task", "1",
+                     "--time", "00:10:00"]) == 0
+        jobs = sorted(set(re.findall(r"submitted job (\d+)", capsys.readouterr().out)))
+        assert len(jobs) == 2
+        for job in jobs:
+            wait_done(job)
+        client = MlflowClient(tracking_uri=server.uri)
+        exp = client.get_experiment_by_name("quickstart")
+        (parent,) = client.search_runs([exp.experiment_id], filter_string="tags.sweep_parent = 'submitted'")
+        children = client.search_runs([exp.experiment_id],
+                                      filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        assert sorted(r.info.run_name for r in children) == ["mlra-s0", "vanilla-s0"]
+        for run in children:
+            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(1, 21))
+    finally:
+        server.stop()
+
+
 def test_dry_run_for_4_nodes_of_8_gpus(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["submit", str(REPO / "configs" / "quickstart.yaml"), "--nodes", "4", "--gpus-per-node", "8",
                  "--partition", "gpu", "--account", "lab", "--time", "2:00:00", "--dry-run",

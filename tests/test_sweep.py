@@ -118,6 +118,15 @@ def test_matched_init_reaches_the_qkv_weights() -> None:
     try:
         model = build_model(cfg.model, tensor_parallel=1)
         weight = model.decoder.layers[0].self_attention.linear_qkv.weight
-        assert float(weight.std()) == pytest.approx(0.02 ** 2 * math.sqrt(64), rel=0.02)
+        assert float(weight.detach().std()) == pytest.approx(0.02 ** 2 * math.sqrt(64), rel=0.02)
     finally:
         distributed.teardown()
+
+
+def test_seeds_option_replaces_the_specs_seeds(tmp_path: Path, tokenizer_dir: Path, sample_dataset: str) -> None:
+    from mlra_mega.sweep import load_spec, members
+
+    grid = members(load_spec(_spec(tmp_path, tokenizer_dir, sample_dataset), seeds=3))
+    assert [m.name for m in grid] == [f"{v}-L2-s{s}" for v in ("vanilla", "mlra") for s in range(3)]
+    assert [m.cfg.train.seed for m in grid] == [0, 1, 2, 0, 1, 2]
+    assert len({m.cfg.run.dir for m in grid}) == 6
