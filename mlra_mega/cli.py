@@ -89,7 +89,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             out = sbatch(opts, dry_run=args.dry_run)
             return "dry run: script printed above" if args.dry_run and print(out) is None else f"submitted job {out}"
 
-    outcomes = run_sweep(load_spec(args.spec, args.seeds), submit=submit)
+    outcomes = run_sweep(load_spec(args.spec, args.seeds, args.overrides), submit=submit)
     print(f"[sweep] {len(outcomes)} members: " + ", ".join(f"{name} {what}" for name, what in outcomes))
     return 0
 
@@ -199,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="run a grid of runs (variants x depths x seeds) under one MLflow parent run")
     p.add_argument("spec", metavar="SPEC.yaml")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="for every member, after the spec's")
     p.add_argument("--seeds", type=int, default=None, help="this many seeds (0..N-1) instead of the spec's")
     p.add_argument("--submit", action="store_true", help="hand each member to Slurm (needs a tracking server)")
     for flag, default in (("--nodes", 1), ("--gpus-per-node", 8), ("--tasks-per-node", None), ("--cpus-per-task", 8)):

@@ -10,6 +10,9 @@ A spec names a base config, overrides for every member, the axes and the seeds:
       model.num_layers: [4, 8]   # any dotted config key
     seeds: [1, 2]                # or a count (seeds 0..N-1); --seeds N overrides it
 
+`mlra-mega sweep SPEC.yaml section.key=value ...` adds overrides for every member (after the
+spec's), e.g. a learning rate chosen by a rule before the sweep.
+
 Every member is one run with its own run directory, a child of the parent run in one tracking
 store (tags: sweep, variant, every axis, seed). Members whose run finished are skipped; an
 interrupted one resumes from its checkpoint. Locally the members run one after another in this
@@ -54,8 +57,9 @@ class Member:
     overrides: list[str] = field(default_factory=list)
 
 
-def load_spec(path: str | Path, seeds: int | None = None) -> SweepSpec:
-    """The spec at `path`, checked; `seeds` (a count) replaces the spec's seeds."""
+def load_spec(path: str | Path, seeds: int | None = None, overrides: list[str] | tuple[str, ...] = ()) -> SweepSpec:
+    """The spec at `path`, checked; `seeds` (a count) replaces the spec's seeds; `overrides` go
+    after the spec's (for every member)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("sweep", f"{path} not found", "give the path of a sweep spec YAML")
@@ -80,7 +84,7 @@ def load_spec(path: str | Path, seeds: int | None = None) -> SweepSpec:
     if not seed_list or not all(isinstance(s, int) for s in seed_list):
         raise ConfigError("sweep.seeds", f"must be a positive count or a list of integers, got {raw_seeds!r}",
                           "e.g. seeds: 3, or seeds: [1, 2, 3]")
-    overrides = [str(x) for x in data.get("overrides") or []]
+    overrides = [*(str(x) for x in data.get("overrides") or []), *overrides]
     return SweepSpec(name, base, overrides, axes, seed_list, path)
 
 

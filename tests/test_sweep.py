@@ -20,7 +20,7 @@ def _spec(tmp_path: Path, tokenizer_dir: Path, dataset: str, **extra) -> Path:
     spec = {"name": "tiny", "base": str(REPO / "configs" / "quickstart.yaml"),
             "overrides": [f"data.tokenizer={tokenizer_dir}", f"data.paths=[{dataset}]", f"run.root={tmp_path / 'runs'}",
                           "train.steps=6", "eval.interval=3", "eval.iters=1", "model.seq_length=32",
-                          "train.micro_batch_size=2", "diagnostics.interval=3", "diagnostics.grad_variance_interval=2",
+                          "train.micro_batch_size=2", "diagnostics.interval=3", "diagnostics.grad_variance_interval=1",
                           "checkpoint.interval=3"],
             "axes": {"variant": ["vanilla", "mlra"], "model.num_layers": [2]}, "seeds": 1, **extra}
     path = tmp_path / "spec.yaml"
@@ -59,6 +59,7 @@ def test_sweep_skips_resumes_and_reports(tmp_path: Path, tokenizer_dir: Path, sa
         assert run.data.tags["sweep"] == "tiny" and run.data.tags["model.num_layers"] == "2"
         assert run.info.status == "FINISHED"
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(1, 7))
+        assert {"tev_gradvar_spearman", "tev_gradvar_spearman_diff", "grad_var_embedding"} <= set(run.data.metrics)
 
     report = build_report("tiny", uri, tmp_path / "report", log=lambda s: None)
     text = report.read_text()

@@ -81,6 +81,7 @@ def one_process() -> dict:
                                 "grad_var_embedding": _variance_by_definition(m, ["embedding.word_embeddings.weight"])}
                             for s, m in grads.by_step.items() if s % 2 == 0}
     out["micro_batches"] = {s: len(m) for s, m in grads.by_step.items()}
+    out["subset"] = _run("subset", ["zero.stage=0", "diagnostics.layers=[1]"])["extra"][2]
     return out
 
 
@@ -133,3 +134,32 @@ def test_states_reach_the_checkpoint() -> None:
 def test_grad_variance_is_refused_where_gradients_are_already_reduced() -> None:
     with pytest.raises(ConfigError, match="diagnostics.grad_variance_interval.*ZeRO-2"):
         load_config(None, ["zero.stage=2", "diagnostics.grad_variance_interval=10"])
+
+
+def test_a_layer_subset_reports_only_those_layers() -> None:
+    (ref,) = dist_result(__name__, 1, "one_process")
+    keys = set(ref["subset"])
+    assert {"grad_norm/layer_01", "param_norm/layer_01", "grad_norm/embedding", "grad_norm/final_norm"} <= keys
+    assert not {"grad_norm/layer_00", "grad_norm/layer_02", "param_norm/layer_02"} & keys
+    # resid_var/layer_00 is the embedding's output; layer_02 is after layer index 1.
+    assert {k for k in keys if k.startswith("resid_var/")} == {"resid_var/layer_00", "resid_var/layer_02"}
+    assert ref["subset"]["grad_norm/layer_01"] == ref["extra"][2]["grad_norm/layer_01"]
+
+
+def test_spike_monitor_counts_tev_jumps_and_spikes() -> None:
+    from types import SimpleNamespace
+
+    from mlra_mega.train.stability import SpikeMonitor
+
+    cfg = load_config(None, ["diagnostics.spike_min_history=3", "diagnostics.tev_jump=0.1"])
+    said: list[str] = []
+    monitor = SpikeMonitor(cfg, log=said.append)
+    series = [(2.0, 1.0), (2.01, 1.01), (1.99, 1.02), (2.0, 1.03), (2.02, 1.3), (9.0, 1.31)]
+    extras = []
+    for step, (loss, tev) in enumerate(series, 1):
+        m = SimpleNamespace(step=step, loss=loss, tev_mean=tev, extra={})
+        monitor.on_step_end(None, m)
+        extras.append(m.extra)
+    assert extras[-1]["tev_jumps"] == 1 and extras[-1]["loss_spikes"] == 1
+    assert any("TEV jump at step 5" in x for x in said) and any("loss spike at step 6" in x for x in said)
+    assert "loss_spike_score" not in extras[2] and extras[-1]["loss_spike_score"] > 6
