@@ -1,0 +1,72 @@
+"""The depth study's specs: every member of the CPU and GPU sweeps is a valid config; the CI-sized
+spec runs and reports; the learning-rate rule picks the largest rate that trains."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mlra_mega.sweep import load_spec, members
+
+REPO = Path(__file__).resolve().parent.parent
+PAPER = REPO / "configs" / "paper"
+
+
+@pytest.mark.parametrize("spec,count,depths", [("cpu-depth.yaml", 45, {4, 8, 16}), ("gpu-depth.yaml", 45, {12, 24, 48}),
+                                               ("cpu-lr-probe.yaml", 7, {4}), ("ci-depth.yaml", 4, {2, 4})])
+def test_every_member_is_a_valid_config(spec: str, count: int, depths: set[int]) -> None:
+    grid = members(load_spec(PAPER / spec, overrides=["optim.lr=0.004"]))
+    assert len(grid) == count and {m.cfg.model.num_layers for m in grid} == depths
+    assert len({m.cfg.run.dir for m in grid}) == count
+
+
+def test_cpu_and_gpu_profiles_keep_the_depth_ratios() -> None:
+    cpu = members(load_spec(PAPER / "cpu-depth.yaml"))
+    gpu = members(load_spec(PAPER / "gpu-depth.yaml"))
+    assert sorted({m.cfg.model.num_layers for m in gpu}) == [3 * d for d in sorted({m.cfg.model.num_layers for m in cpu})]
+    g = gpu[0].cfg.model
+    assert (g.hidden_size, g.num_heads, g.seq_length) == (768, 12, 1024)
+
+
+def test_ci_sized_study_runs_and_reports(tmp_path: Path, tokenizer_dir: Path, sample_dataset: str) -> None:
+    from mlra_mega.report import build_report
+    from mlra_mega.sweep import run_sweep
+
+    start = time.time()
+    spec = load_spec(PAPER / "ci-depth.yaml", overrides=[f"data.tokenizer={tokenizer_dir}",
+                                                         f"data.paths=[{sample_dataset}]", f"run.root={tmp_path}",
+                                                         "data.split=98,2,0"])
+    assert [o[1] for o in run_sweep(spec, log=lambda s: None)] == ["done at step 6"] * 4
+    report = build_report("ci-depth", f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "report", log=lambda s: None)
+    text = report.read_text()
+    for depth in (2, 4):
+        for variant in ("vanilla", "mlra"):
+            assert f"| {depth} | {variant} | 1 |" in text
+    print(f"\n[paper] CI-sized study: 4 runs and the report in {time.time() - start:.1f}s")
+
+
+def _probe_run(root: Path, lr: float, losses: list[float], spikes: int = 0) -> None:
+    run = root / f"lr{lr}"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"optim": {"lr": lr}}))
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": i + 1, "loss": x, "skipped_steps": 0, "loss_spikes": spikes}) + "\n"
+        for i, x in enumerate(losses)))
+
+
+def test_lr_rule_takes_the_largest_rate_that_trains(tmp_path: Path) -> None:
+    falling = [6.0 - 0.02 * i for i in range(100)]
+    _probe_run(tmp_path, 0.001, falling)
+    _probe_run(tmp_path, 0.004, falling)
+    _probe_run(tmp_path, 0.016, [6.0] * 50 + [float("nan")] * 50)  # diverged
+    _probe_run(tmp_path, 0.008, falling, spikes=1)  # a spike counts as not training cleanly
+    _probe_run(tmp_path, 0.032, [6.0 + 0.01 * i for i in range(100)])  # loss went up
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "paper_lr_rule.py"), str(tmp_path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "0.004", out.stderr
