@@ -28,7 +28,8 @@ from mlra_mega.errors import ConfigError
 __all__ = ["Member", "build_report", "collect"]
 
 SERIES = ("tev_mean", "loss", "grad_norm")
-FINAL = ("val_ppl", "tev_mean", "tev_std", "loss_spikes", "tev_gradvar_spearman", "tev_gradvar_spearman_diff")
+FINAL = ("val_ppl", "tev_mean", "tev_std", "loss_spikes", "skipped_steps", "tev_gradvar_spearman",
+         "tev_gradvar_spearman_diff")
 
 
 @dataclass
@@ -106,8 +107,7 @@ def _mean_std(values: list[float]) -> str:
         return "-"
     mean = statistics.fmean(values)
     spread = statistics.pstdev(values) if len(values) > 1 else 0.0
-    digits = 4 if abs(mean) < 10 else 2
-    return f"{mean:.{digits}f} +- {spread:.{digits}f}"
+    return f"{mean:.5g} +- {spread:.2g}"
 
 
 def _table(members: list[Member]) -> list[str]:
@@ -122,6 +122,40 @@ def _table(members: list[Member]) -> list[str]:
     for (depth, variant), group in sorted(groups.items()):
         cells = [_mean_std([m.last.get(k) for m in group]) for k, _ in cols]
         lines.append(f"| {depth} | {variant} | {len(group)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _comparison(members: list[Member]) -> list[str]:
+    """MLRA against each other variant, depth by depth: ratios of the seed means, and in how many
+    seeds (paired by seed) MLRA is lower."""
+    if not any(m.variant == "mlra" for m in members):
+        return []
+    lines = ["| depth | baseline | val ppl mlra / baseline | mlra lower ppl (seeds) | TEV mean mlra / baseline "
+             "| mlra lower TEV (seeds) |", "|---|---|---|---|---|---|"]
+    for depth in sorted({m.depth for m in members}):
+        mlra = {m.seed: m for m in members if m.depth == depth and m.variant == "mlra"}
+        for base in sorted({m.variant for m in members if m.depth == depth} - {"mlra"}):
+            other = {m.seed: m for m in members if m.depth == depth and m.variant == base}
+            cells = []
+            for key in ("val_ppl", "tev_mean"):
+                pairs = [(mlra[s].last.get(key), other[s].last.get(key)) for s in sorted(set(mlra) & set(other))]
+                pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+                if not pairs:
+                    cells += ["-", "-"]
+                    continue
+                ratio = statistics.fmean(a for a, _ in pairs) / statistics.fmean(b for _, b in pairs)
+                cells += [f"{ratio:.4f}", f"{sum(a < b for a, b in pairs)} of {len(pairs)}"]
+            lines.append(f"| {depth} | {base} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _instability(members: list[Member]) -> list[str]:
+    skipped = [m for m in members if m.last.get("skipped_steps", 0) > 0]
+    spiked = [m for m in members if m.last.get("loss_spikes", 0) > 0]
+    lines = [f"Runs with non-finite (skipped) steps: {len(skipped)} of {len(members)}"
+             + (": " + ", ".join(f"{m.name} ({int(m.last['skipped_steps'])})" for m in skipped) if skipped else "."),
+             f"Runs with loss spikes: {len(spiked)} of {len(members)}"
+             + (": " + ", ".join(f"{m.name} ({int(m.last['loss_spikes'])})" for m in spiked) if spiked else ".")]
     return lines
 
 
@@ -201,7 +235,11 @@ def build_report(target: str, tracking_uri: str | None, out: Path, log=print) ->
     lines = [f"# Report: {title}", "",
              f"{len(members)} runs from `{uri}`" + (f", children of run `{parent.info.run_id}`" if parent else "")
              + ". Each cell: mean +- std over seeds (population std; 0 with one seed).", "",
-             *_table(members), "", *(f"![{p[:-4]}]({p})" for p in plots), ""]
+             *_table(members), ""]
+    if any(m.variant == "mlra" for m in members):
+        lines += ["## MLRA against each baseline", "", *_comparison(members), ""]
+    lines += ["## Instability", "", *_instability(members), "", "## Plots", "",
+              *(f"![{p[:-4]}]({p})" for p in plots), ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))
     if parent is not None:
