@@ -159,14 +159,26 @@ def _instability(members: list[Member]) -> list[str]:
     return lines
 
 
-def _plot_series(members: list[Member], key: str, path: Path) -> None:
+def _panels(n: int):
+    """(pyplot, figure, axes row) with one panel per depth, off-screen."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(1, max(n, 1), figsize=(5 * max(n, 1), 3.6), squeeze=False)
+    return plt, fig, axes
+
+
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_series(members: list[Member], key: str, path: Path) -> None:
     depths = sorted({m.depth for m in members})
-    fig, axes = plt.subplots(1, len(depths), figsize=(5 * len(depths), 3.6), squeeze=False)
+    plt, fig, axes = _panels(len(depths))
     for ax, depth in zip(axes[0], depths):
         for variant in sorted({m.variant for m in members if m.depth == depth}):
             group = [m for m in members if m.depth == depth and m.variant == variant]
@@ -180,19 +192,12 @@ def _plot_series(members: list[Member], key: str, path: Path) -> None:
         ax.set_title(f"{key}, {depth} layers")
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _plot_resid(members: list[Member], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     depths = sorted({m.depth for m in members if m.resid})
-    fig, axes = plt.subplots(1, max(len(depths), 1), figsize=(5 * max(len(depths), 1), 3.6), squeeze=False)
+    plt, fig, axes = _panels(len(depths))
     for ax, depth in zip(axes[0], depths):
         for variant in sorted({m.variant for m in members if m.depth == depth and m.resid}):
             group = [m for m in members if m.depth == depth and m.variant == variant and m.resid]
@@ -204,9 +209,7 @@ def _plot_resid(members: list[Member], path: Path) -> None:
         ax.set_title(f"residual variance, {depth} layers")
         ax.set_xlabel("after layer (0 = embedding)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def build_report(target: str, tracking_uri: str | None, out: Path, log=print) -> Path:
