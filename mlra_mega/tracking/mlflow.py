@@ -156,6 +156,9 @@ class MLflowLogger(Callback):
         self._setup: dict[str, Any] | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()  # pending list and buffer file; held for local work only
+        # Held by the sender from taking records off the queue until they are in the pending list,
+        # so the final flush cannot miss records the sender has in hand (it never spans a request).
+        self._moving = threading.Lock()
         self.outages = 0  # separate times the server could not be reached
         self.sent = 0
 
@@ -204,7 +207,9 @@ class MLflowLogger(Callback):
         self._thread.join(timeout=self.cfg.tracking.final_flush_s)
         if self._thread.is_alive():
             self._stop.set()
-            with self._lock:  # the sender may be stuck in a request: put everything on disk now
+            # The sender may be stuck in a request: put everything on disk now. Its queue waits end
+            # within 0.5 s of the stop, so the _moving lock is free by then.
+            with self._moving, self._lock:
                 self._pending.extend(r for r in self._drain(0) if "step" in r)
                 self._write_buffer()
             print(f"[mlflow] {self.uri} did not answer within tracking.final_flush_s="
@@ -280,15 +285,17 @@ class MLflowLogger(Callback):
     def _drain(self, wait_s: float | None) -> list[dict[str, Any]]:
         """Everything queued: after waiting for the first item (None), or for `wait_s` in full."""
         items: list[dict[str, Any]] = []
-        if wait_s is None:
-            items.append(self._queue.get())
-        else:
-            deadline = time.monotonic() + wait_s
-            while (left := deadline - time.monotonic()) > 0 and not self._stop.is_set():
-                try:
-                    items.append(self._queue.get(timeout=min(left, 0.5)))
-                except queue.Empty:
-                    pass
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        while not self._stop.is_set():
+            left = 0.5 if deadline is None else min(deadline - time.monotonic(), 0.5)
+            if left <= 0:
+                break
+            try:
+                items.append(self._queue.get(timeout=left))
+            except queue.Empty:
+                continue
+            if deadline is None:
+                break
         while True:
             try:
                 items.append(self._queue.get_nowait())
@@ -302,18 +309,21 @@ class MLflowLogger(Callback):
                 wait: float | None = _RETRY_S[min(failures, len(_RETRY_S)) - 1]
             else:
                 wait = 0 if self._pending or self._client is None else None
-            items = self._drain(wait)
-            records = [item for item in items if "step" in item]
+            with self._moving:
+                items = self._drain(wait)
+                records = [item for item in items if "step" in item]
+                with self._lock:
+                    self._pending.extend(records)
+                    if records and failures:
+                        self._write_buffer(records)  # the server is away: what it has not got waits on disk
+                    batch = list(self._pending)
+            if self._stop.is_set():
+                return  # the final flush has put everything pending on disk
             for item in items:
                 if "end" in item:
                     end = item["end"]
                 elif "replayed" in item:
                     replayed.append(item["replayed"])
-            with self._lock:
-                self._pending.extend(records)
-                if records and failures:
-                    self._write_buffer(records)  # the server is away: what it has not got waits on disk
-                batch = list(self._pending)
             try:
                 if self._client is None:
                     self._connect()

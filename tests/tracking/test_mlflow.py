@@ -204,6 +204,34 @@ def test_server_down_at_the_end_leaves_a_buffer_that_sync_sends(
     _check_exactly_once(server.uri, run_dir, 120)
 
 
+class _Unreachable:
+    """An MlflowClient whose server never answers."""
+
+    def log_batch(self, *args, **kwargs) -> None:
+        raise ConnectionError("refused")
+
+
+def test_the_final_flush_keeps_records_the_sender_has_in_hand(tmp_path: Path) -> None:
+    """While the server is away the sender keeps taking records off the queue (its retry wait);
+    the final flush must put those on disk too, before on_fit_end returns (a process may exit then)."""
+    from types import SimpleNamespace
+
+    from mlra_mega.tracking.mlflow import MLflowLogger
+
+    cfg = load_config(overrides=["train.steps=400", "tracking.final_flush_s=0.3"])
+    logger = MLflowLogger(cfg, tmp_path)
+    logger._client, logger.run_id = _Unreachable(), "run"
+    trainer = SimpleNamespace(step=0, ctx=SimpleNamespace(is_main=True, tp_size=1, dp_size=1, world_size=1))
+    logger.on_fit_start(trainer)
+    for step in range(1, 401):
+        trainer.step = step
+        logger.on_step_end(trainer, SimpleNamespace(step=step, as_dict=lambda s=step: {"step": s, "loss": 1.0}))
+        time.sleep(0.003)
+    logger.on_fit_end(trainer)
+    buffered = [json.loads(x)["step"] for x in (tmp_path / "mlflow-buffer.jsonl").read_text().splitlines()]
+    assert buffered == list(range(1, 401))
+
+
 def test_replay_sends_only_what_the_server_lacks(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
