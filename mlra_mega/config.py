@@ -37,6 +37,7 @@ __all__ = [
     "CheckpointConfig",
     "FaultsConfig",
     "TrackingConfig",
+    "ProfileConfig",
     "RunSection",
     "RunConfig",
     "load_config",
@@ -371,6 +372,7 @@ class TrackingConfig:
     uri: str | None = None
     experiment: str = "default"
     final_flush_s: float = 60.0  # at the end, how long to wait for an unreachable server before leaving a buffer
+    send_interval_s: float = 2.0  # records are sent in one batch at most this often (each send costs CPU)
     parent_run_id: str | None = None  # make this run a child of that MLflow run (sweeps set it)
     tags: list[str] = field(default_factory=list)  # extra run tags, "key=value"
 
@@ -381,6 +383,33 @@ class TrackingConfig:
         if self.final_flush_s < 0:
             raise ConfigError(f"{prefix}.final_flush_s", f"must be >= 0, got {self.final_flush_s}",
                               "give the seconds to wait for the tracking server at the end of a run")
+        if self.send_interval_s < 0:
+            raise ConfigError(f"{prefix}.send_interval_s", f"must be >= 0, got {self.send_interval_s}",
+                              "give the seconds between sends to the tracker (0: send every record at once)")
+
+
+@dataclass
+class ProfileConfig:
+    """A torch profiler trace of steps `start` .. `start + steps - 1` (start 0 = off)."""
+
+    start: int = 0
+    steps: int = 3
+    ranks: list[int] | None = field(default_factory=lambda: [0])  # None: every rank
+    record_shapes: bool = False
+    with_stack: bool = False  # Python stacks in the trace (slower, much bigger files)
+
+    def validate(self, prefix: str = "profile") -> None:
+        if self.start < 0:
+            raise ConfigError(f"{prefix}.start", f"must be >= 0, got {self.start}",
+                              "use 0 for no profile, or the first step to trace")
+        _require_positive(f"{prefix}.steps", self.steps)
+        if self.ranks is not None and any(r < 0 for r in self.ranks):
+            raise ConfigError(f"{prefix}.ranks", f"ranks must be >= 0, got {self.ranks}",
+                              "give global ranks, or null for every rank")
+
+    @property
+    def last(self) -> int:
+        return self.start + self.steps - 1
 
 
 @dataclass
@@ -408,6 +437,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     run: RunSection = field(default_factory=RunSection)
 
     def validate(self) -> None:
@@ -417,6 +447,9 @@ class RunConfig:
             if hasattr(section, "validate"):
                 section.validate(f.name)
         check_tensor_parallel(self.model, self.parallel.tensor)
+        if self.profile.start and self.profile.start > self.train.steps:
+            raise ConfigError("profile.start", f"step {self.profile.start} is after the last step "
+                              f"(train.steps={self.train.steps})", "choose a step range inside the run, or 0 for none")
         d = self.diagnostics
         if d.layers is not None and any(i >= self.model.num_layers for i in d.layers):
             raise ConfigError("diagnostics.layers", f"{d.layers} names a layer the model does not have "

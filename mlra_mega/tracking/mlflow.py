@@ -283,7 +283,8 @@ class MLflowLogger(Callback):
         tmp.replace(self.buffer)
 
     def _drain(self, wait_s: float | None) -> list[dict[str, Any]]:
-        """Everything queued: after waiting for the first item (None), or for `wait_s` in full."""
+        """Everything queued: after waiting for the first item and then `tracking.send_interval_s`
+        more (None), or for `wait_s` in full. The end of the run cuts either wait short."""
         items: list[dict[str, Any]] = []
         deadline = None if wait_s is None else time.monotonic() + wait_s
         while not self._stop.is_set():
@@ -294,8 +295,11 @@ class MLflowLogger(Callback):
                 items.append(self._queue.get(timeout=left))
             except queue.Empty:
                 continue
-            if deadline is None:
+            if "end" in items[-1]:
                 break
+            if deadline is None:
+                # One batch per interval: every send costs the step loop CPU (and the GIL).
+                deadline = time.monotonic() + self.cfg.tracking.send_interval_s
         while True:
             try:
                 items.append(self._queue.get_nowait())

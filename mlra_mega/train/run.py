@@ -28,6 +28,7 @@ from mlra_mega.distributed import ParallelContext, launch_env
 from mlra_mega.train.callbacks import Callback, ConsoleLogger, MetricsFile, RunSummary
 from mlra_mega.train.rank_logs import RankLog, Watchdog
 from mlra_mega.train.checkpoint import Checkpointer, check_compatible, find_checkpoint, read_sidecar
+from mlra_mega.train.profiler import StepProfiler
 from mlra_mega.train.stability import stability_callbacks
 from mlra_mega.train.signals import PREEMPTED, PreemptionGuard, install_handlers, restore_handlers
 from mlra_mega.train.trainer import StepMetrics, Trainer
@@ -133,7 +134,8 @@ def _run(cfg: RunConfig, ctx: ParallelContext, engine, batches: TrainBatches, da
             f"ZeRO-{cfg.zero.stage}, {cfg.train.precision}"
             + (f"; resuming {ckpt.path} at step {sidecar['step']}" if ckpt else ""))
     main_log = log if ctx.is_main else lambda s: None
-    standard: list[Callback] = [*stability_callbacks(cfg, main_log), ConsoleLogger(),
+    standard: list[Callback] = [StepProfiler(cfg.profile, run_dir, ctx.rank, log),
+                                *stability_callbacks(cfg, main_log), ConsoleLogger(),
                                 MetricsFile(run_dir / "metrics.jsonl"), RunSummary(run_dir / "summary.json")]
     if cfg.tracking.enabled:
         from mlra_mega.tracking.mlflow import MLflowLogger

@@ -53,6 +53,19 @@ def test_bf16_weight_uses_float32_row_statistics() -> None:
     assert stats.std == pytest.approx(std, rel=1e-5)
 
 
+def test_row_statistics_across_chunks_and_far_from_zero_match_numpy() -> None:
+    """Rows are taken in chunks of about 2**20 elements: 3001 x 768 spans three chunks, the last
+    one short; rows with a mean 100x their deviation would lose digits to a one-pass formula."""
+    from mlra_mega.metrics.tev import row_tev
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(3001, 768, generator=g) * 0.02
+    w[::7] += 2.0
+    got = row_tev(w).double().numpy()
+    want = np.asarray(w, dtype=np.float64).std(axis=1)
+    np.testing.assert_allclose(got, want, rtol=2e-6)
+
+
 def test_no_real_rows_is_an_error() -> None:
     with pytest.raises(ValueError, match="no real vocabulary rows"):
         compute_tev(full_weight(), 0)

@@ -232,6 +232,51 @@ def test_the_final_flush_keeps_records_the_sender_has_in_hand(tmp_path: Path) ->
     assert buffered == list(range(1, 401))
 
 
+class _Recorder:
+    """An MlflowClient that answers at once and records the batches it is sent."""
+
+    def __init__(self) -> None:
+        self.batches: list[list] = []
+        self.status = None
+
+    def log_batch(self, run_id, metrics=(), **kwargs) -> None:
+        self.batches.append(list(metrics))
+
+    def set_terminated(self, run_id, status=None) -> None:
+        self.status = status
+
+    def log_artifact(self, *args) -> None:
+        pass
+
+
+@pytest.mark.parametrize("interval", [0.0, 5.0])
+def test_records_go_out_in_one_batch_per_send_interval(tmp_path: Path, interval: float) -> None:
+    """Each send costs the step loop CPU: with an interval, one batch per interval (and one at the
+    end, which does not wait for the interval); every point is sent once either way."""
+    from types import SimpleNamespace
+
+    from mlra_mega.tracking.mlflow import MLflowLogger
+
+    cfg = load_config(overrides=["train.steps=100", f"tracking.send_interval_s={interval}"])
+    logger, client = MLflowLogger(cfg, tmp_path), _Recorder()
+    logger._client, logger.run_id = client, "run"
+    trainer = SimpleNamespace(step=0, ctx=SimpleNamespace(is_main=True, tp_size=1, dp_size=1, world_size=1))
+    logger.on_fit_start(trainer)
+    start = time.monotonic()
+    for step in range(1, 101):
+        trainer.step = step
+        logger.on_step_end(trainer, SimpleNamespace(step=step, as_dict=lambda s=step: {"step": s, "loss": 1.0}))
+        time.sleep(0.01)
+    logger.on_fit_end(trainer)
+    assert time.monotonic() - start < 4, "the end of the run must not wait out the send interval"
+    assert client.status == "FINISHED"
+    assert sorted(m.step for b in client.batches for m in b) == list(range(1, 101))
+    if interval:
+        assert len(client.batches) <= 2, len(client.batches)
+    else:
+        assert len(client.batches) > 10, len(client.batches)
+
+
 def test_replay_sends_only_what_the_server_lacks(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
