@@ -1,9 +1,11 @@
 """MLRA against standard attention (MHA) at equal width: step time, peak memory and parameters,
 for MLRA rank d_head / 2 and d_head (Q, K, V factorized), at TP = 1 and 2.
 
-The "mid" model (d 256, 4 heads of 64, 4 layers, seq 128) by default. Memory is the growth of
-rank 0's peak resident size during the run over its size before (CPU) - model, gradients,
-optimizer state and activations together; parameters are the model's total.
+The "mid" model (d 256, 4 heads of 64, 4 layers, seq 128) by default. Memory on rank 0:
+activations (what autograd saves in one micro-batch's forward), the peak of the model's own
+memory (parameters, gradients, optimizer copies and state, and those activations), and the
+growth of the process's peak resident size during the run (libraries and buffers included, so
+only differences between rows say much); parameters are the model's total.
 
     python bench/mlra.py [--model mid] [--tp 1 2] [--rounds 3] [--steps 40]
 """
@@ -45,9 +47,12 @@ def main() -> int:
     for name, r in results.items():
         tp_ref = results[f"MHA TP{name.rsplit('TP', 1)[1]}"]["step_s"]["median"]
         rank0 = r["last"]["ranks"][0]
+        state = rank0["param_bytes"] * 2 + rank0["optimizer_param_copy_bytes"] + rank0["optimizer_state_bytes"]
         rows.append([name, 1e3 * r["step_s"]["median"], r["step_s"]["range_pct"], r["step_s"]["median"] / tp_ref,
-                     r["last"]["parameters"] / 1e6, rank0["param_bytes"] / 2**20, rank0["peak_rss_growth_bytes"] / 2**20])
-    print(table(["attention", "step ms", "range %", "x MHA", "params M", "rank-0 param MiB", "rank-0 peak MiB"], rows,
+                     r["last"]["parameters"] / 1e6, rank0["activation_bytes"] / 2**20, (state + rank0["activation_bytes"]) / 2**20,
+                     rank0["peak_rss_growth_bytes"] / 2**20])
+    print(table(["attention", "step ms", "range %", "x MHA", "params M", "activations MiB", "peak model MiB",
+                 "RSS growth MiB"], rows,
                 title=f"MLRA vs MHA, model {args.model} (d_head {d_head}), {args.rounds} rounds x {args.steps} steps"))
     write_json(args.out, {"model": args.model, "d_head": d_head, "rounds": args.rounds, "steps": args.steps,
                           "warmup": args.warmup,

@@ -4,17 +4,20 @@ Prints a table and writes JSON: MB/s and tokens/s of `mlra_mega.data.preprocess`
 workers, beside `SentencePieceProcessor.encode(list_of_docs, num_threads=1)` on the same text in
 the same run, and the per-worker ratio (goal: >= 0.9 of raw).
 
-    python bench/preprocess.py [--copies 4] [--vocab 8000] [--out bench/results/preprocess.json]
+    python bench/preprocess.py [--copies 4] [--vocab 8000] [--rounds 3] [--out bench/results/preprocess.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import RESULTS, spread, table, write_json
 
 
 def main() -> int:
@@ -22,7 +25,8 @@ def main() -> int:
     ap.add_argument("--copies", type=int, default=4, help="sample corpus repeated this many times")
     ap.add_argument("--vocab", type=int, default=8000)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--out", default="bench/results/preprocess.json")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=str(RESULTS / "preprocess.json"))
     args = ap.parse_args()
 
     from mlra_mega.data.documents import ReadOptions, ReadStats, iter_documents
@@ -40,29 +44,38 @@ def main() -> int:
     text_mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
     file_mb = corpus.stat().st_size / 1e6
 
-    t = time.perf_counter()
-    raw_tokens = sum(len(x) for x in tok.sp.encode(docs, num_threads=1))
-    raw_s = time.perf_counter() - t
-    rows = [{"what": "raw sp.encode(num_threads=1)", "workers": 1, "seconds": raw_s,
-             "mb_per_s": file_mb / raw_s, "tokens_per_s": raw_tokens / raw_s, "ratio_per_worker": 1.0}]
-    for w in args.workers:
-        quiet = Progress(None, interactive=False, interval_s=1e9, log=lambda s: None)
-        summary = preprocess([corpus], work / "tok", work / f"ds{w}", workers=w, progress=quiet)
-        rows.append({"what": "mlra-mega preprocess", "workers": w, "seconds": summary.seconds,
-                     "mb_per_s": summary.mb_per_s, "tokens_per_s": summary.tokens_per_s,
-                     "ratio_per_worker": (summary.mb_per_s / w) / rows[0]["mb_per_s"]})
+    def raw() -> tuple[float, int]:
+        t = time.perf_counter()
+        tokens = sum(len(x) for x in tok.sp.encode(docs, num_threads=1))
+        return time.perf_counter() - t, tokens
 
-    print(f"corpus: {file_mb:.1f} MB of JSON Lines ({text_mb:.1f} MB of text, {len(docs)} documents), "
-          f"vocab {args.vocab}; MB/s counts input file bytes")
-    print(f"{'what':<30} {'workers':>7} {'seconds':>8} {'MB/s':>7} {'tokens/s':>12} {'per-worker ratio':>17}")
-    for r in rows:
-        print(f"{r['what']:<30} {r['workers']:>7} {r['seconds']:>8.2f} {r['mb_per_s']:>7.2f} "
-              f"{r['tokens_per_s']:>12,.0f} {r['ratio_per_worker']:>17.2f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"corpus_mb": file_mb, "documents": len(docs), "vocab": args.vocab,
-                               "rows": rows}, indent=2) + "\n")
-    print(f"wrote {out}")
+    def ours(workers: int, rep: int) -> tuple[float, int]:
+        quiet = Progress(None, interactive=False, interval_s=1e9, log=lambda s: None)
+        summary = preprocess([corpus], work / "tok", work / f"ds{workers}-{rep}", workers=workers, progress=quiet)
+        return summary.seconds, summary.tokens
+
+    # Rounds interleave the contestants, so a slow spell of the machine hits all of them.
+    names = ["raw sp.encode(num_threads=1)", *(f"mlra-mega preprocess, {w} worker(s)" for w in args.workers)]
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    tokens: dict[str, int] = {}
+    for rep in range(args.rounds):
+        for name, w in zip(names, [None, *args.workers]):
+            secs, tokens[name] = raw() if w is None else ours(w, rep)
+            seconds[name].append(secs)
+    rows = []
+    raw_mb_s = file_mb / spread(seconds[names[0]])["median"]
+    for name, w in zip(names, [1, *args.workers]):
+        s = spread(seconds[name])
+        mb_s = file_mb / s["median"]
+        rows.append({"what": name, "workers": w, "seconds": s, "mb_per_s": mb_s,
+                     "tokens_per_s": tokens[name] / s["median"], "ratio_per_worker": (mb_s / w) / raw_mb_s})
+    print(table(["what", "workers", "seconds", "range %", "MB/s", "tokens/s", "per-worker ratio"],
+                [[r["what"], r["workers"], r["seconds"]["median"], r["seconds"]["range_pct"], r["mb_per_s"],
+                  r["tokens_per_s"], r["ratio_per_worker"]] for r in rows],
+                title=f"corpus: {file_mb:.1f} MB of JSON Lines ({text_mb:.1f} MB of text, {len(docs)} documents), "
+                      f"vocab {args.vocab}; {args.rounds} rounds; MB/s counts input file bytes; goal ratio >= 0.9"))
+    write_json(args.out, {"corpus_mb": file_mb, "documents": len(docs), "vocab": args.vocab, "rounds": args.rounds,
+                          "rows": rows})
     return 0
 
 

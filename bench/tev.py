@@ -17,14 +17,46 @@ import argparse
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import MODELS, RESULTS, WORKER, model_overrides, run_worker, spread, steady, table, write_json
+from bench.common import MODELS, REPO, RESULTS, WORKER, model_overrides, run_worker, spread, steady, table, write_json
 
 STEPS = {"quickstart": (80, 10), "gpt2-small-4l": (16, 4)}  # (steps, warm-up) per repetition
 GOAL_PCT = 0.5
+
+
+def _row_formula_before_after(models: list[str], tps: list[int], reps: int = 15) -> list[dict]:
+    """The per-row TEV before the fix (torch's `std` over the whole shard) and after (row_tev's
+    cache-sized chunks), on a random embedding shard of each model's shape, in this process."""
+    import torch
+
+    from mlra_mega.config import load_config
+    from mlra_mega.data.tokenizer import load_tokenizer
+    from mlra_mega.metrics.tev import row_tev
+
+    out = []
+    for model in models:
+        overrides = model_overrides(model)
+        tok = next(o.split("=", 1)[1] for o in overrides if o.startswith("data.tokenizer="))
+        cfg = load_config(REPO / "configs" / "quickstart.yaml",
+                          [*overrides, f"model.vocab_size={load_tokenizer(tok).vocab_size}"]).model
+        for tp in tps:
+            w = torch.randn(cfg.padded_vocab_size // tp, cfg.hidden_size) * 0.02
+            timings = {}
+            for name, fn in (("before", lambda: w.std(dim=1, unbiased=False)), ("after", lambda: row_tev(w))):
+                fn()
+                times = []
+                for _ in range(reps):
+                    start = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - start)
+                timings[name] = statistics.median(times)
+            out.append({"model": model, "tp": tp, "shape": f"{w.shape[0]} x {w.shape[1]}",
+                        "before_s": timings["before"], "after_s": timings["after"]})
+    return out
 
 
 def main() -> int:
@@ -60,11 +92,16 @@ def main() -> int:
                             "tev_s": s_tev, "tev_share_pct": share, "on_off_difference_pct": diff})
             rows.append([model, tp, 1e3 * s_tev["median"], 1e3 * s_tev["min"], 1e3 * s_tev["max"],
                          1e3 * s_on["median"], s_on["range_pct"], share, 1e3 * s_off["median"], diff])
+    before_after = _row_formula_before_after(args.models, args.tp)
     print(table(["model", "TP", "TEV ms", "min", "max", "step ms", "step range %", "TEV share %", "no-TEV step ms",
                  "on-off %"], rows,
                 title=f"TEV cost ({args.rounds} rounds; TEV timed {args.reps} times per run; goal <= {GOAL_PCT}% "
                       "at GPT-2 small width)"))
-    write_json(args.out, {"rounds": args.rounds, "reps": args.reps, "goal_pct": GOAL_PCT, "results": results})
+    print(table(["model", "rows x d (one rank)", "before: torch std ms", "after: chunked ms", "speed-up"],
+                [[r["model"], r["shape"], 1e3 * r["before_s"], 1e3 * r["after_s"], r["before_s"] / r["after_s"]]
+                 for r in before_after], title="the per-row statistic, before and after the fix (one process)"))
+    write_json(args.out, {"rounds": args.rounds, "reps": args.reps, "goal_pct": GOAL_PCT, "results": results,
+                          "row_formula_before_after": before_after})
     return 0
 
 

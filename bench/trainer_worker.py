@@ -3,7 +3,8 @@
 
 Writes JSON (rank 0) with the step-to-step wall times, and per rank: the bytes of its parameter
 shards, of the optimizer's own parameter copies (ZeRO's fp32 partitions) and of its optimizer
-state, the growth of its peak resident memory over the process's size before training, and,
+state, the activations autograd saves in one micro-batch's forward, the growth of its peak
+resident memory over the process's size before training (libraries and buffers included), and,
 with `--tev-reps N`, N direct timings of one TEV computation (each started together after a
 barrier, all-reduce included).
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -50,6 +52,27 @@ def memory_of(trainer: Any) -> dict[str, int]:
     return {"param_bytes": params, "optimizer_param_copy_bytes": copies, "optimizer_state_bytes": state}
 
 
+def saved_activation_bytes(trainer: Any) -> int:
+    """Bytes autograd saves for backward in one training micro-batch's forward (parameters not
+    counted): the activation memory, which is where MLRA and MHA differ beyond their weights."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    batch = trainer.batches.next_global_batch()[0]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = trainer._loss(batch)
+    del loss
+    return sum(seen.values())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--result", required=True)
@@ -74,7 +97,8 @@ def main() -> int:
 
         def on_fit_end(self, trainer) -> None:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            mine = {**memory_of(trainer), "peak_rss_growth_bytes": peak - base_rss}
+            mine = {**memory_of(trainer), "peak_rss_growth_bytes": peak - base_rss,
+                    "activation_bytes": saved_activation_bytes(trainer)}
             tev = []
             for _ in range(args.tev_reps):
                 if dist.is_initialized():
@@ -86,14 +110,15 @@ def main() -> int:
             if dist.is_initialized() and dist.get_world_size() > 1:
                 ranks = [None] * dist.get_world_size()
                 dist.all_gather_object(ranks, mine)
-            out.update(tev_times_s=tev, ranks=ranks, parameters=count_parameters(trainer.cfg.model))
+            out.update(tev_times_s=tev, ranks=ranks, parameters=count_parameters(trainer.cfg.model),
+                       tokens_per_step=trainer.tokens_per_step)
 
     work = Path(tempfile.mkdtemp(prefix="bench-run-"))
     cfg = load_config(REPO / "configs" / "quickstart.yaml",
                       ["eval.interval=0", "tracking.enabled=false", "train.log_interval=1000000",
                        f"run.dir={work / 'run'}", *args.overrides])
     train(cfg, [Measure()], log=lambda s: None)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if os.environ.get("RANK", "0") == "0":  # the process group is gone by now
         Path(args.result).write_text(json.dumps({"step_times_s": clock.times, **out}))
     return 0
 

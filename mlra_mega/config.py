@@ -162,6 +162,9 @@ class ParallelConfig:
     tensor: int = 1
     sequence_parallel: bool = False
     pipeline: int = 1  # pipeline parallelism is not supported yet; kept so the refusal is clear
+    # torch.distributed backend: auto = NCCL with GPUs, else gloo. gloo with GPUs keeps tensors on
+    # the GPU and lets several ranks share one (NCCL refuses that): for tests on one GPU.
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
 
     def validate(self, prefix: str = "parallel") -> None:
         _require_positive(f"{prefix}.tensor", self.tensor)

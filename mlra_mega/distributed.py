@@ -3,7 +3,8 @@
 Rank and world come from the launcher's environment (torchrun and the deepspeed launcher set
 RANK / WORLD_SIZE / LOCAL_RANK, srun sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID); a plain
 `python` process is a world of one. The backend is nccl where CUDA is available and gloo
-elsewhere, where `cpu.apply()` adapts megatron-core first. Data-parallel size = world / TP.
+elsewhere, where `cpu.apply()` adapts megatron-core first; `parallel.backend=gloo` keeps gloo
+with GPUs (tensors stay on the GPU; several ranks may share one). Data-parallel size = world / TP.
 """
 
 from __future__ import annotations
@@ -104,7 +105,10 @@ def setup(parallel: ParallelConfig, seed: int, *, timeout_s: float = 600.0) -> P
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
         cpu.apply()
-    backend = "nccl" if use_cuda else "gloo"
+    backend = parallel.backend if parallel.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    if backend == "nccl" and not use_cuda:
+        raise ConfigError("parallel.backend", "nccl needs CUDA GPUs and this process sees none",
+                          "use parallel.backend=auto or gloo")
 
     env = launch_env()
     if dist.is_initialized():

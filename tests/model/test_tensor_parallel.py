@@ -28,7 +28,7 @@ def _run(cfg, tp: int, full: dict | None, permute_qkv: bool = False):
     from mlra_mega.model.convert import gather_full, load_shard, partition_dims, shard_state_dict
     from tests.model.helpers import large_weights, tokens
 
-    distributed.setup(ParallelConfig(tensor=tp), seed=1)
+    ctx = distributed.setup(ParallelConfig(tensor=tp), seed=1)
     try:
         model = build_model(cfg)
         dims = partition_dims(model)
@@ -39,14 +39,15 @@ def _run(cfg, tp: int, full: dict | None, permute_qkv: bool = False):
             weights = {k: (_blocked_qkv(v, cfg) if k.endswith("linear_qkv.weight") else v) for k, v in full.items()}
         group = parallel_state.get_tensor_model_parallel_group()
         load_shard(model, shard_state_dict(weights, dims, tp, parallel_state.get_tensor_model_parallel_rank()))
-        ids, positions, labels = tokens()
+        model.to(ctx.device)  # a GPU where there is one (bench/gpu.py runs this there)
+        ids, positions, labels = (t.to(ctx.device) for t in tokens())
         logits = model(ids, positions, None)
         loss = model(ids, positions, None, labels=labels).mean()
         loss.backward()
         parts = [torch.empty_like(logits) for _ in range(tp)]
         torch.distributed.all_gather(parts, logits.detach().contiguous(), group=group)
         grads = gather_full({n: p.grad for n, p in model.named_parameters()}, dims, group)
-        return torch.cat(parts, dim=-1), grads, full
+        return torch.cat(parts, dim=-1).cpu(), {n: g.cpu() for n, g in grads.items()}, full
     finally:
         distributed.teardown(keep_process_group=True)
 
