@@ -38,7 +38,7 @@ TEV_RTOL = 1e-5
 # (check steps compared with fp32, warm-up steps after them, timed steps)
 STEPS = {"gpu": (3, 3, 15), "dry-run": (3, 1, 3)}
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_length=64",
-        "train.global_batch_size=4", "train.micro_batch_size=4", "metrics.peak_tflops=null"]
+        "train.global_batch_size=4", "train.micro_batch_size=4", "metrics.peak_tflops=null", "optim.fused=true"]
 
 
 def _overrides(attention: str, precision: str, steps: int, dry_run: bool, work: Path) -> list[str]:

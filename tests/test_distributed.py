@@ -34,6 +34,23 @@ def test_single_process_setup_and_teardown() -> None:
     assert not dist.is_initialized() and not parallel_state.model_parallel_is_initialized()
 
 
+def test_backend_choice_and_nccl_without_a_gpu() -> None:
+    import torch
+    import torch.distributed as dist
+
+    from mlra_mega import distributed
+
+    ctx = distributed.setup(ParallelConfig(tensor=1, backend="gloo"), seed=3)
+    try:
+        assert ctx.backend == "gloo" and dist.get_backend() == "gloo"
+    finally:
+        distributed.teardown()
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError) as err:
+            distributed.setup(ParallelConfig(tensor=1, backend="nccl"), seed=3)
+        assert err.value.field == "parallel.backend" and not dist.is_initialized()
+
+
 @dist_case(2, 4)
 def layouts() -> list[tuple[int, int, int, int]]:
     from mlra_mega import distributed

@@ -153,7 +153,7 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, dp_size: int):
 
     ds_cfg = deepspeed_config(cfg, dp_size)
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                            betas=cfg.optim.betas, eps=cfg.optim.eps)
+                            betas=cfg.optim.betas, eps=cfg.optim.eps, fused=cfg.optim.fused or None)
     total = cfg.train.steps
 
     def scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:

@@ -118,6 +118,27 @@ def test_bf16_tracks_fp32() -> None:
     assert all(g > CLIP for g in run["grad_norm"])
 
 
+@dist_case(1)
+def fused_adamw() -> dict:
+    from mlra_mega.train.callbacks import Callback
+
+    class Fused(Callback):
+        def on_fit_end(self, trainer) -> None:
+            self.fused = trainer.engine.basic_optimizer.defaults["fused"]
+
+    probe = Fused()
+    out = _train(["zero.stage=1", "optim.fused=true"], [probe])
+    out["fused"] = probe.fused
+    return out
+
+
+def test_fused_adamw_is_used_and_trains_like_the_for_each_one() -> None:
+    (ref,) = dist_result(__name__, 1, "reference")
+    (run,) = dist_result(__name__, 1, "fused_adamw")
+    assert run["fused"] is True
+    _check(run, ref, REL)
+
+
 @dist_case(2)
 def optimizer_state() -> dict:
     """exp_avg / exp_avg_sq elements on this rank at DP=2, and what the layout predicts."""
