@@ -314,8 +314,10 @@ def test_steps_run_again_after_a_crash_are_tagged_and_end_with_the_resumed_value
     from mlra_mega.train.run import train
 
     run_dir = tmp_path / "crash"
+    # Every record sent at once, so steps 6-8 reach the store before the crash (with the default
+    # interval the last two seconds of a crashed run wait in metrics.jsonl instead).
     args = overrides(tokenizer_dir, sample_dataset, run_dir, "train.steps=10", "checkpoint.interval=5",
-                     "eval.interval=0")
+                     "eval.interval=0", "tracking.send_interval_s=0")
     script = tmp_path / "crash.py"
     script.write_text(CRASH)
     proc = subprocess.run([sys.executable, str(script), str(REPO / "configs" / "quickstart.yaml"), *args],
