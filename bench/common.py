@@ -9,6 +9,7 @@ step time; the spread is the range of the per-round medians.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -201,3 +202,22 @@ def measure(contestants: dict[str, tuple[int, list[str]]], rounds: int, warmup: 
     for entry in out.values():
         entry["step_s"] = spread(entry["per_round_s"])
     return out
+
+
+def arguments(doc: str, name: str, *, steps: int, warmup: int, rounds: int = 3,
+              model: str | None = "mid") -> argparse.ArgumentParser:
+    """The options every trainer benchmark takes (--model, --rounds, --steps, --warmup, --out)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if model is not None:
+        ap.add_argument("--model", default=model, choices=list(MODELS))
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--warmup", type=int, default=warmup, help="steps of each run left out of the statistics")
+    ap.add_argument("--out", default=str(RESULTS / f"{name}.json"))
+    return ap
+
+
+def record(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """What the JSON keeps of `measure`'s results: the statistics and the last run's sizes."""
+    return {name: {"step_s": r["step_s"], "per_round_s": r["per_round_s"], "parameters": r["last"].get("parameters"),
+                   "ranks": r["last"].get("ranks")} for name, r in results.items()}

@@ -9,14 +9,13 @@ The "mid" model's width (d 256, 4 heads, seq 128, MLRA as in the quickstart) by 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import MODELS, RESULTS, measure, model_overrides, table, write_json
+from bench.common import arguments, measure, record, model_overrides, table, write_json
 
 GOAL_PCT = 5.0
 
@@ -30,13 +29,8 @@ def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="mid", choices=list(MODELS))
+    ap = arguments(__doc__, "depth", steps=30, warmup=6)
     ap.add_argument("--layers", nargs="+", type=int, default=[4, 8, 12, 16, 24, 32])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=6)
-    ap.add_argument("--out", default=str(RESULTS / "depth.json"))
     args = ap.parse_args()
 
     base = [o for o in model_overrides(args.model) if not o.startswith("model.num_layers=")]
@@ -56,8 +50,7 @@ def main() -> int:
     write_json(args.out, {"model": args.model, "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
                           "layers": args.layers, "step_s": times, "a_s": a, "b_s_per_layer": b,
                           "residual_pct": residuals, "largest_residual_pct": worst, "goal_pct": GOAL_PCT,
-                          "per_depth": {k: {"step_s": v["step_s"], "per_round_s": v["per_round_s"]}
-                                        for k, v in results.items()}})
+                          "per_depth": record(results)})
     return 0
 
 

@@ -12,24 +12,18 @@ only differences between rows say much); parameters are the model's total.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import MODELS, RESULTS, measure, model_overrides, table, write_json
+from bench.common import arguments, measure, model_overrides, record, table, write_json
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="mid", choices=list(MODELS))
+    ap = arguments(__doc__, "mlra", steps=40, warmup=8)
     ap.add_argument("--tp", nargs="+", type=int, default=[1, 2])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--warmup", type=int, default=8)
-    ap.add_argument("--out", default=str(RESULTS / "mlra.json"))
     args = ap.parse_args()
 
     from mlra_mega.config import load_config
@@ -56,9 +50,7 @@ def main() -> int:
                 title=f"MLRA vs MHA, model {args.model} (d_head {d_head}), {args.rounds} rounds x {args.steps} steps"))
     write_json(args.out, {"model": args.model, "d_head": d_head, "rounds": args.rounds, "steps": args.steps,
                           "warmup": args.warmup,
-                          "results": {k: {"step_s": v["step_s"], "per_round_s": v["per_round_s"],
-                                          "parameters": v["last"]["parameters"], "ranks": v["last"]["ranks"]}
-                                      for k, v in results.items()}})
+                          "results": record(results)})
     return 0
 
 

@@ -9,14 +9,13 @@ round's median step-to-step time after warm-up, with tokens/s from it.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, measure, model_overrides, table, write_json
+from bench.common import arguments, measure, record, model_overrides, table, write_json
 
 LAYOUTS = [  # (name, processes, overrides)
     ("TP1 DP1 ZeRO-1", 1, ["parallel.tensor=1", "zero.stage=1"]),
@@ -28,12 +27,7 @@ LAYOUTS = [  # (name, processes, overrides)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--warmup", type=int, default=8, help="steps left out of the statistics")
-    ap.add_argument("--out", default=str(RESULTS / "train_step.json"))
-    args = ap.parse_args()
+    args = arguments(__doc__, "train_step", steps=40, warmup=8, model=None).parse_args()
 
     base = model_overrides("quickstart")
     contestants = {name: (nproc, [*base, *extra, f"train.steps={args.steps}"]) for name, nproc, extra in LAYOUTS}
@@ -45,8 +39,7 @@ def main() -> int:
     print(table(["layout", "procs", "step ms", "range %", "tokens/s"], rows,
                 title=f"quickstart model, {args.rounds} rounds x {args.steps} steps (median after {args.warmup})"))
     write_json(args.out, {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
-                          "layouts": {k: {"step_s": v["step_s"], "per_round_s": v["per_round_s"]}
-                                      for k, v in results.items()}})
+                          "layouts": record(results)})
     return 0
 
 

@@ -10,24 +10,18 @@ parameter); optimizer-copy bytes the separate parameter tensors DeepSpeed hands 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import MODELS, RESULTS, measure, model_overrides, table, write_json
+from bench.common import arguments, measure, model_overrides, record, table, write_json
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="mid", choices=list(MODELS))
+    ap = arguments(__doc__, "zero", steps=30, warmup=6)
     ap.add_argument("--stages", nargs="+", type=int, default=[0, 1, 2, 3])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=6)
-    ap.add_argument("--out", default=str(RESULTS / "zero.json"))
     args = ap.parse_args()
 
     base = model_overrides(args.model)
@@ -46,9 +40,7 @@ def main() -> int:
                 title=f"ZeRO at DP=2, model {args.model} ({results[next(iter(results))]['last']['parameters'] / 1e6:.2f}M "
                       f"parameters), {args.rounds} rounds x {args.steps} steps"))
     write_json(args.out, {"model": args.model, "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
-                          "results": {k: {"step_s": v["step_s"], "per_round_s": v["per_round_s"],
-                                          "parameters": v["last"]["parameters"], "ranks": v["last"]["ranks"]}
-                                      for k, v in results.items()}})
+                          "results": record(results)})
     return 0
 
 

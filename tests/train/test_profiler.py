@@ -16,16 +16,20 @@ def _step_markers(trace: Path) -> list[str]:
     return sorted({e["name"] for e in events if str(e.get("name", "")).startswith("ProfilerStep#")})
 
 
-def test_the_trace_covers_the_chosen_steps_and_only_them(tmp_path: Path, tokenizer_dir: Path,
-                                                         sample_dataset: str) -> None:
+def _train(run_dir: Path, tokenizer_dir: Path, dataset: str, *extra: str) -> list[str]:
     from mlra_mega.train.run import train
 
-    run_dir = tmp_path / "run"
-    cfg = load_config(REPO / "configs" / "quickstart.yaml",
-                      overrides(tokenizer_dir, sample_dataset, run_dir, "train.steps=5", "profile.start=2",
-                                "profile.steps=2", "tracking.enabled=false", "eval.interval=0"))
     lines: list[str] = []
-    train(cfg, log=lines.append)
+    train(load_config(REPO / "configs" / "quickstart.yaml",
+                      overrides(tokenizer_dir, dataset, run_dir, *extra, "tracking.enabled=false", "eval.interval=0")),
+          log=lines.append)
+    return lines
+
+
+def test_the_trace_covers_the_chosen_steps_and_only_them(tmp_path: Path, tokenizer_dir: Path,
+                                                         sample_dataset: str) -> None:
+    run_dir = tmp_path / "run"
+    lines = _train(run_dir, tokenizer_dir, sample_dataset, "train.steps=5", "profile.start=2", "profile.steps=2")
     trace = run_dir / "profile" / "rank00000.trace.json"
     assert _step_markers(trace) == ["ProfilerStep#2", "ProfilerStep#3"]
     names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
@@ -37,13 +41,8 @@ def test_the_trace_covers_the_chosen_steps_and_only_them(tmp_path: Path, tokeniz
 
 def test_a_run_that_ends_inside_the_range_still_writes_its_trace(tmp_path: Path, tokenizer_dir: Path,
                                                                   sample_dataset: str) -> None:
-    from mlra_mega.train.run import train
-
     run_dir = tmp_path / "run"
-    cfg = load_config(REPO / "configs" / "quickstart.yaml",
-                      overrides(tokenizer_dir, sample_dataset, run_dir, "train.steps=3", "profile.start=1",
-                                "profile.steps=10", "tracking.enabled=false", "eval.interval=0"))
-    train(cfg, log=lambda s: None)
+    _train(run_dir, tokenizer_dir, sample_dataset, "train.steps=3", "profile.start=1", "profile.steps=10")
     assert _step_markers(run_dir / "profile" / "rank00000.trace.json") == [f"ProfilerStep#{i}" for i in (1, 2, 3)]
 
 
