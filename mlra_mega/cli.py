@@ -13,20 +13,27 @@ from pathlib import Path
 
 from mlra_mega.errors import MlraMegaError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "one_line"]
 
+
+
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).exists()
+    except OSError:  # a name too long to be a file: an override, not a path
+        return False
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from mlra_mega.config import load_config, to_dict
+    from mlra_mega.config import load_config, public_dict
 
     path, overrides = args.config, list(args.overrides)
-    if path is not None and "=" in path and not Path(path).exists():
+    if path is not None and "=" in path and not _exists(path):
         path, overrides = None, [path, *overrides]  # `mlra-mega config a.b=1`: no file given
     cfg = load_config(path, overrides)
-    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    print(yaml.safe_dump(public_dict(cfg), sort_keys=False), end="")
     return 0
 
 
@@ -277,6 +284,17 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 
 
+MAX_ERROR_CHARS = 2000
+
+
+def one_line(message: str) -> str:
+    """An error as the user sees it: credentials masked, on one line, of bounded length."""
+    from mlra_mega.credentials import mask
+
+    text = mask(message).replace("\r", "\\r").replace("\n", "\\n")
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + " [...]"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -289,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except MlraMegaError as exc:
-        print(f"mlra-mega: error: {exc}", file=sys.stderr)
+        print(f"mlra-mega: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_status
     except KeyboardInterrupt:
         print("mlra-mega: interrupted", file=sys.stderr)

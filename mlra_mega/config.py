@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from mlra_mega.credentials import mask
 from mlra_mega.errors import ConfigError
 
 __all__ = [
@@ -44,7 +46,10 @@ __all__ = [
     "check_tensor_parallel",
     "from_dict",
     "to_dict",
+    "public_dict",
     "flatten",
+    "read_yaml_document",
+    "check_path_component",
 ]
 
 MLRA_PROJECTIONS = ("q", "k", "v", "o")
@@ -213,6 +218,8 @@ class OptimConfig:
             if not 0 <= b < 1:
                 raise ConfigError(f"{prefix}.betas", f"beta{i + 1} must be in [0, 1), got {b}",
                                   "use e.g. [0.9, 0.95]")
+        if not self.eps > 0:
+            raise ConfigError(f"{prefix}.eps", f"must be > 0, got {self.eps}", "use e.g. 1e-8")
         for name in ("weight_decay", "clip_grad", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}",
@@ -236,6 +243,7 @@ class TrainConfig:
     def validate(self, prefix: str = "train") -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "log_interval"):
             _require_positive(f"{prefix}.{name}", getattr(self, name))
+        _check_seed(f"{prefix}.seed", self.seed)
         if self.max_consecutive_skips < 0:
             raise ConfigError(f"{prefix}.max_consecutive_skips", f"must be >= 0, got {self.max_consecutive_skips}",
                               "use 0 to only skip non-finite steps, or N to roll back after N in a row")
@@ -260,6 +268,8 @@ class DataConfig:
     cache_dir: str | None = None  # megatron's index cache; None: ~/.cache/mlra_mega/index
 
     def validate(self, prefix: str = "data") -> None:
+        if self.seed is not None:
+            _check_seed(f"{prefix}.seed", self.seed)
         if self.weights is not None:
             if any(not w > 0 for w in self.weights):
                 raise ConfigError(f"{prefix}.weights", f"must all be > 0, got {self.weights}",
@@ -354,6 +364,7 @@ class FaultsConfig:
     inject_nan_count: int = 1  # how many steps in a row
     watchdog_minutes: float = 30.0  # dump every rank's stacks after this long without a finished step; 0 = off
     peer_timeout_s: float = 60.0  # after a stop signal, how long to wait for the other ranks to agree
+    lock_stale_s: float = 300.0  # a run-directory lock not renewed for this long is taken over
 
     def validate(self, prefix: str = "faults") -> None:
         if self.inject_nan_step is not None:
@@ -365,6 +376,9 @@ class FaultsConfig:
         if self.watchdog_minutes < 0:
             raise ConfigError(f"{prefix}.watchdog_minutes", f"must be >= 0, got {self.watchdog_minutes}",
                               "use 0 to turn the watchdog off")
+        if not self.lock_stale_s > 0:
+            raise ConfigError(f"{prefix}.lock_stale_s", f"must be > 0, got {self.lock_stale_s}",
+                              "give the seconds after which a run-directory lock nobody renews is taken over")
         if not self.peer_timeout_s > 0:
             raise ConfigError(f"{prefix}.peer_timeout_s", f"must be > 0, got {self.peer_timeout_s}",
                               "give the seconds to wait for the other ranks after a signal")
@@ -383,6 +397,9 @@ class TrackingConfig:
     tags: list[str] = field(default_factory=list)  # extra run tags, "key=value"
 
     def validate(self, prefix: str = "tracking") -> None:
+        check_path_component(f"{prefix}.experiment", self.experiment)
+        if self.uri is not None and _has_control(self.uri):
+            raise ConfigError(f"{prefix}.uri", "holds a control character (a newline?)", "give the URI on one line")
         bad = [t for t in self.tags if "=" not in t or not t.split("=", 1)[0].strip()]
         if bad:
             raise ConfigError(f"{prefix}.tags", f"{bad} are not key=value", "write each tag as key=value")
@@ -425,6 +442,15 @@ class RunSection:
     root: str = "runs"
     name: str | None = None  # None: a timestamp
     dir: str | None = None
+
+    def validate(self, prefix: str = "run") -> None:
+        if self.name is not None:
+            check_path_component(f"{prefix}.name", self.name)
+        for name in ("root", "dir"):
+            value = getattr(self, name)
+            if value is not None and _has_control(value):
+                raise ConfigError(f"{prefix}.{name}", f"{_show(value)} holds a control character (a newline?)",
+                                  "give a plain path")
 
 
 @dataclass
@@ -518,7 +544,7 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     """Builds dataclass `cls` from a mapping, converting and checking every key on the way."""
     where = prefix.rstrip(".") or "config"
     if not isinstance(data, dict):
-        raise ConfigError(where, f"expected a mapping of keys, got {type(data).__name__} {data!r}",
+        raise ConfigError(where, f"expected a mapping of keys, got {type(data).__name__} {_show(data)}",
                           f"write {where} as `key: value` lines")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -545,6 +571,21 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(cfg)
 
 
+def public_dict(cfg: Any) -> dict[str, Any]:
+    """`to_dict` with credentials in any value masked: what we write to files, logs and MLflow."""
+
+    def masked(value: Any) -> Any:
+        if isinstance(value, str):
+            return mask(value)
+        if isinstance(value, dict):
+            return {k: masked(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [masked(v) for v in value]
+        return value
+
+    return masked(to_dict(cfg))
+
+
 def flatten(cfg: Any) -> dict[str, Any]:
     """`{"model.hidden_size": 768, ...}`: the dotted keys the overrides use (a config or its dict)."""
     out: dict[str, Any] = {}
@@ -563,16 +604,94 @@ def flatten(cfg: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- helpers
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError("config", f"file {str(path)!r} not found", "pass the path of an existing YAML file")
+MAX_YAML_NODES = 100_000  # a config is a few hundred nodes; an alias bomb expands to billions
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = 120
+_SHOW.maxlist = _SHOW.maxtuple = _SHOW.maxdict = 8
+_SHOW.maxlevel = 3
+
+
+def _show(value: Any) -> str:
+    """A user's value as it is quoted in an error message: repr, cut to a bounded length."""
+    return _SHOW.repr(value)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses duplicated keys (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the mapping constructor reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicated key {_show(key)} (the last one would win silently)", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping)
+
+
+def _expanded_size(root: yaml.Node, limit: int) -> int:
+    """Nodes in the document with every alias expanded (counted once per node, memoised, so a
+    bomb is measured without being built); stops counting past `limit`."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = limit + 1  # a node inside itself (a recursive alias) counts as too big
+        if isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in node.value)
+        else:
+            total = 1
+        sizes[id(node)] = min(total, limit + 1)
+        return sizes[id(node)]
+
+    return size(root)
+
+
+def read_yaml_document(text: str, what: str) -> Any:
+    """One YAML document, safely: duplicated keys and oversized alias expansions are ConfigErrors."""
+    loader = _StrictLoader(text)
     try:
-        data = yaml.safe_load(path.read_text())
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        if _expanded_size(root, MAX_YAML_NODES) > MAX_YAML_NODES:
+            raise ConfigError("config", f"{what} expands to more than {MAX_YAML_NODES:,} values through its "
+                              "aliases (&anchor / *alias)", "write the values out, or use fewer nested aliases")
+        return loader.construct_document(root)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError("config", f"{path} is not valid YAML{at}: {getattr(exc, 'problem', exc)}",
-                          "fix the YAML syntax there") from None
+        problem = str(getattr(exc, "problem", None) or exc).splitlines()[0][:200]
+        raise ConfigError("config", f"{what} is not valid YAML{at}: {problem}", "fix the YAML there") from None
+    except RecursionError:
+        raise ConfigError("config", f"{what} nests too deeply", "write a flatter YAML document") from None
+    finally:
+        loader.dispose()
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        is_file = path.is_file()
+    except OSError:  # a name too long for the file system
+        is_file = False
+    if not is_file:
+        raise ConfigError("config", f"file {_show(str(path))} not found", "pass the path of an existing YAML file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc}", "pass a readable UTF-8 YAML file") from None
+    data = read_yaml_document(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -585,7 +704,7 @@ def _split_override(item: str) -> tuple[str, str]:
     key, sep, value = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError("override", f"{item!r} is not of the form section.key=value",
+        raise ConfigError("override", f"{_show(item)} is not of the form section.key=value",
                           "write overrides like model.hidden_size=512")
     return key, value
 
@@ -629,7 +748,7 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     if origin is Literal:
         text = str(value).strip() if isinstance(value, _OverrideText) else value
         if text not in args:
-            raise ConfigError(name, f"{text!r} is not one of {list(args)}",
+            raise ConfigError(name, f"{_show(text)} is not one of {list(args)}",
                               f"use one of {list(args)}{_did_you_mean(str(text), [str(a) for a in args])}")
         return text
 
@@ -641,10 +760,10 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         if isinstance(value, _OverrideText):
             items = _parse_list_text(value)
         if not isinstance(items, (list, tuple)):
-            raise ConfigError(name, f"expected a list, got {items!r}", "write it as [a, b] or a,b")
+            raise ConfigError(name, f"expected a list, got {_show(items)}", "write it as [a, b] or a,b")
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(items) != len(args):
-                raise ConfigError(name, f"expected {len(args)} values, got {len(items)}: {list(items)}",
+                raise ConfigError(name, f"expected {len(args)} values, got {len(items)}: {_show(list(items))}",
                                   f"give exactly {len(args)} values")
             return tuple(_coerce(_text_if(v, value), a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(items, args)))
         item_type = args[0] if args else Any
@@ -661,10 +780,10 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             return value
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
-        raise ConfigError(name, f"expected true or false, got {value!r}", "write true or false")
+        raise ConfigError(name, f"expected true or false, got {_show(value)}", "write true or false")
     if hint is int:
         if isinstance(value, bool):
-            raise ConfigError(name, f"expected an integer, got {value!r}", "write a whole number")
+            raise ConfigError(name, f"expected an integer, got {_show(value)}", "write a whole number")
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
@@ -674,21 +793,27 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
                 return int(value.strip())
             except ValueError:
                 pass
-        raise ConfigError(name, f"expected an integer, got {value!r}", "write a whole number such as 8")
+        raise ConfigError(name, f"expected an integer, got {_show(value)}", "write a whole number such as 8")
     if hint is float:
         if isinstance(value, bool):
-            raise ConfigError(name, f"expected a number, got {value!r}", "write a number such as 3e-4")
+            raise ConfigError(name, f"expected a number, got {_show(value)}", "write a number such as 3e-4")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value.strip())
-            except ValueError:
+                number = float(value.strip())
+            except (ValueError, OverflowError):
                 pass
-        raise ConfigError(name, f"expected a number, got {value!r}", "write a number such as 3e-4")
+        if number is None:
+            raise ConfigError(name, f"expected a number, got {_show(value)}", "write a number such as 3e-4")
+        if not math.isfinite(number):
+            # No field of ours means anything at nan or inf (an lr of inf poisons the weights at step 1).
+            raise ConfigError(name, f"must be a finite number, got {_show(value)}", "write a number such as 3e-4")
+        return number
     if hint is str:
         if isinstance(value, (dict, list)):
-            raise ConfigError(name, f"expected text, got {type(value).__name__} {value!r}", "write a single value")
+            raise ConfigError(name, f"expected text, got {type(value).__name__} {_show(value)}", "write a single value")
         return str(value)
     raise TypeError(f"unsupported field type for {name}: {hint}")  # a bug in our dataclasses
 
@@ -708,6 +833,23 @@ def _parse_list_text(text: str) -> list[str]:
 def _require_positive(name: str, value: int) -> None:
     if value < 1:
         raise ConfigError(name, f"must be >= 1, got {value}", "use a positive whole number")
+
+
+def _has_control(text: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
+def check_path_component(name: str, value: str) -> None:
+    """`value` names one directory inside its parent: no separator, no `..`, no control characters."""
+    if not value or value in (".", "..") or "/" in value or "\\" in value or _has_control(value) or len(value) > 200:
+        raise ConfigError(name, f"{_show(value)} is not a single directory name",
+                          "use letters, digits, '.', '-' and '_' only (no '/', no '..', no newline), "
+                          "or set run.dir for a path of your own")
+
+
+def _check_seed(name: str, value: int) -> None:
+    if not 0 <= value < 2**32:  # numpy's seeds and megatron's shuffles take 32-bit unsigned seeds
+        raise ConfigError(name, f"must be in [0, 2**32), got {value}", "use a seed such as 1234")
 
 
 def _did_you_mean(word: str, options: typing.Iterable[str]) -> str:

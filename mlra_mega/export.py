@@ -25,6 +25,7 @@ def load_checkpoint_model(checkpoint: str | Path):
     from mlra_mega.model.build import build_model
     from mlra_mega.model.convert import load_shard, merge_shards, partition_dims
     from mlra_mega.train.checkpoint import find_checkpoint, read_sidecar
+    from mlra_mega.train.safe_load import safe_load
 
     ckpt = find_checkpoint(Path(checkpoint), verify_hashes=True, log=print)
     if ckpt is None:
@@ -38,7 +39,7 @@ def load_checkpoint_model(checkpoint: str | Path):
         raise ConfigError("checkpoint", f"{ckpt.path} holds {len(files)} of {sidecar['layout']['tensor']} TP shards",
                           "export a complete checkpoint")
     model = build_model(cfg.model, tensor_parallel=1)
-    shards = [torch.load(f, weights_only=True, map_location="cpu") for f in files]
+    shards = [safe_load(f, map_location="cpu") for f in files]
     load_shard(model, merge_shards(shards, partition_dims(model)))
     return model.eval(), cfg, ckpt
 

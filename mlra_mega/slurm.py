@@ -4,13 +4,16 @@ The batch script, not the trainer, knows Slurm: it sets the rendezvous (first ho
 allocation), starts one srun task per rank, and requeues the job when the trainer leaves a
 PREEMPTED marker in the run directory. `submit` fixes run.dir in the script, so a requeued job
 resumes the same run (and the same MLflow run). sbatch is called with an argument list; no shell
-string is built from user input (values in the script are shell-quoted).
+string is built from user input: values on `#SBATCH` lines (job name, time, partition, account,
+the output path) must match a strict character set, everything on command lines is shell-quoted,
+and credentials in tracking.uri leave the script for MLflow's variables in sbatch's environment.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlra_mega.config import ConfigError, load_config
+from mlra_mega.credentials import split_credentials
 
 __all__ = ["SubmitOptions", "render", "submit", "TEMPLATE"]
 
@@ -44,12 +48,45 @@ class SubmitOptions:
     python: str = sys.executable
 
 
-def _run_dir(opts: SubmitOptions) -> str:
-    cfg = load_config(opts.config, opts.overrides)  # validated here, at submission, once
+# What an `#SBATCH` line may hold: Slurm reads these lines itself, and a newline in one would
+# start a shell line of the script.
+_SBATCH_VALUES = {
+    "job_name": (re.compile(r"[A-Za-z0-9._+\-]{1,128}"), "letters, digits and . _ + - (at most 128)"),
+    "time": (re.compile(r"(\d+-)?\d+(:\d{1,2}){0,2}|UNLIMITED|INFINITE|unlimited|infinite"),
+             "a Slurm time such as 24:00:00, 1-00:00:00 or 90"),
+    "partition": (re.compile(r"[A-Za-z0-9._\-]{1,128}(,[A-Za-z0-9._\-]{1,128})*"), "a partition name (letters, digits, . _ -)"),
+    "account": (re.compile(r"[A-Za-z0-9._\-]{1,128}"), "an account name (letters, digits, . _ -)"),
+}
+_PATH = re.compile(r"[A-Za-z0-9._+\-/@%=,:~]+")
+
+
+def _check_sbatch_value(name: str, value: str | None) -> None:
+    if value is None:
+        return
+    pattern, what = _SBATCH_VALUES[name]
+    if not pattern.fullmatch(value):
+        shown = repr(value) if len(value) <= 60 else repr(value[:60]) + "..."
+        raise ConfigError(f"--{name.replace('_', '-')}", f"{shown} is not {what}",
+                          "give a plain value: it is written into the batch script")
+
+
+def _run_dir(cfg) -> str:
     if cfg.run.dir:
         return str(Path(cfg.run.dir).resolve())
     name = cfg.run.name or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return str((Path(cfg.run.root) / cfg.tracking.experiment / name).resolve())
+
+
+def _job_overrides(opts: SubmitOptions, cfg, run_dir: str) -> tuple[list[str], dict[str, str]]:
+    """The overrides the job runs with (run.dir fixed, tracking.uri without credentials) and the
+    MLflow variables that carry the credentials."""
+    keep = [o for o in opts.overrides if not o.startswith(("run.dir=", "tracking.uri="))]
+    env: dict[str, str] = {}
+    if cfg.tracking.uri:
+        clean, env = split_credentials(cfg.tracking.uri)
+        if env or any(o.startswith("tracking.uri=") for o in opts.overrides):
+            keep.append(f"tracking.uri={clean}")
+    return [*keep, f"run.dir={run_dir}"], env
 
 
 def render(opts: SubmitOptions) -> str:
@@ -61,9 +98,16 @@ def render(opts: SubmitOptions) -> str:
         if getattr(opts, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}", f"must be >= 1, got {getattr(opts, name)}",
                               "give a positive number")
+    for name in _SBATCH_VALUES:
+        _check_sbatch_value(name, getattr(opts, name))
     tasks = opts.tasks_per_node or (1 if opts.cpu else opts.gpus_per_node)
-    run_dir = _run_dir(opts)
-    overrides = [o for o in opts.overrides if not o.startswith("run.dir=")] + [f"run.dir={run_dir}"]
+    cfg = load_config(opts.config, opts.overrides)  # validated here, at submission, once
+    run_dir = _run_dir(cfg)
+    if not _PATH.fullmatch(run_dir):
+        raise ConfigError("run.dir", f"{run_dir!r} holds a space, a newline or a shell character, and is written "
+                          "into the batch script's #SBATCH --output line", "use a run directory of letters, digits "
+                          "and . _ - / only (run.dir, run.root, run.name, tracking.experiment)")
+    overrides, _ = _job_overrides(opts, cfg, run_dir)
     command = " ".join(shlex.quote(x) for x in [opts.python, str(ENTRY), str(Path(opts.config).resolve()),
                                                 *overrides])
     resources = ""
@@ -92,7 +136,11 @@ def submit(opts: SubmitOptions, dry_run: bool = False) -> str:
     fd, path = tempfile.mkstemp(prefix="mlra-mega-", suffix=".sbatch", dir=run_dir)
     with os.fdopen(fd, "w") as f:
         f.write(script)
-    proc = subprocess.run(["sbatch", "--parsable", path], capture_output=True, text=True)
+    cfg = load_config(opts.config, opts.overrides)
+    _, credentials = _job_overrides(opts, cfg, str(run_dir))
+    # sbatch hands its environment to the job (--export=ALL), so the secret never sits in the script.
+    proc = subprocess.run(["sbatch", "--parsable", path], capture_output=True, text=True,
+                          env={**os.environ, **credentials})
     if proc.returncode != 0:
         raise ConfigError("submit", f"sbatch refused the job: {proc.stderr.strip() or proc.stdout.strip()}",
                           "check --partition, --account, --time and the resources asked for")

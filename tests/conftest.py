@@ -43,3 +43,38 @@ def sample_dataset(tmp_path_factory: pytest.TempPathFactory, corpus_jsonl: Path,
     prefix = tmp_path_factory.mktemp("dataset") / "corpus"
     preprocess([corpus_jsonl], tokenizer_dir, prefix, progress=Progress(None, interactive=False, log=lambda s: None))
     return str(prefix)
+
+
+QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+TINY_RUN = ["model.num_layers=1", "model.hidden_size=64", "model.num_heads=4", "model.seq_length=32",
+            "train.global_batch_size=4", "train.micro_batch_size=2", "eval.interval=0", "tracking.enabled=false"]
+
+
+def tiny_train_argv(tokenizer_dir: Path, dataset: str, run_dir: Path, *extra: str) -> list[str]:
+    """`mlra-mega train` of a 1-layer model on the session data into `run_dir` (in-process, seconds)."""
+    return ["train", str(QUICKSTART), *TINY_RUN, f"data.tokenizer={tokenizer_dir}", f"data.paths=[{dataset}]",
+            f"run.dir={run_dir}", f"run.root={run_dir.parent}", *extra]
+
+
+@pytest.fixture(scope="session")
+def stopped_run(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path, sample_dataset: str) -> Path:
+    """A 4-step run stopped after step 3, a checkpoint at each step (ZeRO-1: every kind of file).
+    Tests copy it before they change anything."""
+    from mlra_mega.cli import main
+
+    run_dir = tmp_path_factory.mktemp("stopped") / "run"
+    argv = tiny_train_argv(tokenizer_dir, sample_dataset, run_dir, "train.steps=4", "train.stop_at=3",
+                           "checkpoint.interval=1", "checkpoint.keep=3", "zero.stage=1")
+    assert main(argv) == 0
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()) == [
+        "step00000001", "step00000002", "step00000003"]
+    return run_dir
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ANN001 - pytest hook
+    import sys
+
+    module = sys.modules.get("tests.test_bad_input")
+    if module is not None:
+        terminalreporter.write_line(f"bad-input suite: {module.pytest_bad_input_count()} bad inputs covered "
+                                    f"({len(module.BAD_INPUTS)} table rows + {len(module.EXTRA_CASES)} tests)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from struct import error as struct_error
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,13 +64,59 @@ def check_dataset_cards(prefixes: list[str], tokenizer: Tokenizer) -> None:
         if not card_path.is_file():
             raise DataError(f"data.paths: {prefix} has no card {card_path} naming its tokenizer "
                             "(fix: re-run `mlra-mega preprocess` for it)")
-        made_by = json.loads(card_path.read_text())["tokenizer"]
+        card = _read_card(card_path)
+        made_by = card["tokenizer"]
+        check_dataset_files(prefix, card)
         if made_by["model_sha256"] != tokenizer.card.model_sha256:
             raise DataError(f"data.paths: {prefix} was made by tokenizer {made_by['path']} "
                             f"(sha256 {made_by['model_sha256'][:12]}, vocab {made_by['vocab_size']}), not by "
                             f"{tokenizer.model_path} (sha256 {tokenizer.card.model_sha256[:12]}, vocab "
                             f"{tokenizer.vocab_size}) (fix: preprocess it again with data.tokenizer, or set "
                             "data.tokenizer to the one that made it)")
+
+
+def _read_card(path: Path) -> dict[str, Any]:
+    """The dataset card, with the fields the checks read, or a DataError naming what is missing."""
+    fix = "(fix: re-run `mlra-mega preprocess` for it)"
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"data.paths: the card {path} cannot be read ({exc}) {fix}") from None
+    tok = card.get("tokenizer") if isinstance(card, dict) else None
+    if not isinstance(tok, dict) or not all(k in tok for k in ("model_sha256", "path", "vocab_size")):
+        raise DataError(f"data.paths: the card {path} does not name its tokenizer (no tokenizer.model_sha256, "
+                        f"path and vocab_size) {fix}")
+    return card
+
+
+def check_dataset_files(prefix: str, card: dict[str, Any]) -> None:
+    """`.bin`, `.idx` and card agree (dtype, document and token counts, bytes), else a DataError:
+    a `.bin` cut short or an `.idx` of another dataset is found here, not at some step."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    fix = "(fix: preprocess it again; the .bin, .idx and .json of a prefix belong together)"
+    try:
+        indexed = IndexedDataset(prefix)
+    except (AssertionError, ValueError, OSError, struct_error) as exc:
+        raise DataError(f"data.paths: {prefix}.idx cannot be read ({str(exc)[:200]}) {fix}") from None
+    try:
+        lengths = indexed.sequence_lengths
+        tokens, sequences = int(lengths.sum()), len(lengths)
+        itemsize = np.dtype(indexed.index.dtype).itemsize
+        dtype = np.dtype(indexed.index.dtype).name
+    finally:
+        del indexed
+    summary = card.get("summary") or {}
+    expected = {"dtype": card.get("dtype"), "documents": summary.get("documents"), "tokens": summary.get("tokens")}
+    found = {"dtype": dtype, "documents": sequences, "tokens": tokens}
+    differ = [f"{k}: card {expected[k]}, index {found[k]}" for k in found
+              if expected[k] is not None and expected[k] != found[k]]
+    if differ:
+        raise DataError(f"data.paths: {prefix}.idx does not match its card {prefix}.json ({'; '.join(differ)}) {fix}")
+    bin_bytes = Path(f"{prefix}.bin").stat().st_size
+    if bin_bytes != tokens * itemsize:
+        raise DataError(f"data.paths: {prefix}.bin has {bin_bytes} bytes, its .idx describes {tokens} tokens of "
+                        f"{dtype} = {tokens * itemsize} bytes {fix}")
 
 
 @dataclass

@@ -11,6 +11,7 @@ Every skip and replacement is counted in `ReadStats`.
 from __future__ import annotations
 
 import gzip
+import zlib
 import json
 from collections import Counter
 from collections.abc import Iterator
@@ -107,7 +108,21 @@ def _raw_text_documents(f: BinaryIO, boundary: DocBoundary, stats: ReadStats) ->
 
 
 def iter_documents(path: Path, opts: ReadOptions, stats: ReadStats) -> Iterator[str]:
-    """Yields the documents of one file, counting skips into `stats`."""
+    """Yields the documents of one file, counting skips into `stats`; a file that cannot be read
+    to its end (a gzip cut short or not gzip at all, a read error) is a DataError naming it."""
+    try:
+        yield from _documents(path, opts, stats)
+    except (EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: the compressed file is cut short or damaged ({exc}) "
+                        "(fix: download or compress it again)") from None
+    except gzip.BadGzipFile as exc:
+        raise DataError(f"{path}: not a gzip file ({exc}) (fix: name it without .gz if it is plain text, "
+                        "or compress it with gzip)") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc}) (fix: check the --input file)") from None
+
+
+def _documents(path: Path, opts: ReadOptions, stats: ReadStats) -> Iterator[str]:
     with _open(path) as f:
         if not is_jsonl(path):
             for raw in _raw_text_documents(f, opts.doc_boundary, stats):

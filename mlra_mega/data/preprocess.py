@@ -131,8 +131,20 @@ def _remove(paths: list[Path]) -> None:
     for p in paths:
         try:
             p.unlink()
-        except FileNotFoundError:
+        except OSError:
+            pass  # never there, or the place refuses writes: the first error is the one to report
+
+
+def _clean_up(builder, pool, temps: list[Path]) -> None:  # noqa: ANN001 - megatron's builder, a Pool
+    if builder is not None and not builder.data_file.closed:
+        try:
+            builder.data_file.close()
+        except OSError:
             pass
+    if pool is not None:
+        pool.terminate()
+        pool.join()
+    _remove(temps)
 
 
 def preprocess(inputs: list[str | Path], tokenizer_path: str | Path, output_prefix: str | Path, *,
@@ -154,7 +166,6 @@ def preprocess(inputs: list[str | Path], tokenizer_path: str | Path, output_pref
     existing = [str(p) for p in finals if p.exists()]
     if existing and not overwrite:
         raise DataError(f"{existing[0]} already exists (fix: pass --overwrite, or choose another --output-prefix)")
-    prefix.parent.mkdir(parents=True, exist_ok=True)
     tag = f".tmp-{os.getpid()}"
     temps = [Path(f"{p}{tag}") for p in finals]
     tmp_card, tmp_bin, tmp_idx = temps
@@ -173,6 +184,7 @@ def preprocess(inputs: list[str | Path], tokenizer_path: str | Path, output_pref
 
     signal.signal(signal.SIGTERM, on_term)
     try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
         builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
         batches = _batches(paths, options, stats)
         if workers == 1:
@@ -214,13 +226,12 @@ def preprocess(inputs: list[str | Path], tokenizer_path: str | Path, output_pref
         for tmp, final in zip(temps, finals):
             os.replace(tmp, final)
         return summary
+    except OSError as exc:  # reading errors are DataErrors already: this is the output
+        _clean_up(builder, pool, temps)
+        raise DataError(f"cannot write the dataset at {prefix}: {exc.strerror or exc} "
+                        f"({exc.filename or prefix}) (fix: choose a writable --output-prefix with free space)") from None
     except BaseException:
-        if builder is not None and not builder.data_file.closed:
-            builder.data_file.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        _remove(temps)
+        _clean_up(builder, pool, temps)
         raise
     finally:
         progress.close()

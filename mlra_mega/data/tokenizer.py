@@ -18,6 +18,7 @@ import io
 import json
 import os
 import random
+import tempfile
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -119,6 +120,16 @@ def _input_digest(paths: list[Path]) -> tuple[str, int]:
     return h.hexdigest(), total
 
 
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise DataError(f"cannot write the tokenizer to {out}: {exc.strerror or exc} "
+                        "(fix: choose a writable --output directory)") from None
+
+
 def train_tokenizer(inputs: list[str | Path], vocab_size: int, output_dir: str | Path, *,
                     model_type: Literal["bpe", "unigram"] = "bpe", seed: int = 0,
                     max_training_bytes: int = 200_000_000, max_sentence_length: int = 4192,
@@ -132,13 +143,22 @@ def train_tokenizer(inputs: list[str | Path], vocab_size: int, output_dir: str |
         raise ConfigError("--vocab-size", f"{vocab_size} is too small", "use at least a few hundred")
     if model_type not in ("bpe", "unigram"):
         raise ConfigError("--model-type", f"{model_type!r} is not bpe or unigram", "use bpe or unigram")
+    _check_writable(Path(output_dir))  # before training, which can take hours
     digest, total = _input_digest(paths)
     keep_p = min(1.0, max_training_bytes / total) if total else 1.0
     rng = random.Random(seed)
     stats = _LineStats()
     opts = ReadOptions(json_key=json_key)
 
+    read_errors: list[DataError] = []
+
     def sentences() -> Iterator[str]:
+        try:
+            yield from pieces()
+        except DataError as exc:  # raised inside sentencepiece's trainer, which would hide it
+            read_errors.append(exc)
+
+    def pieces() -> Iterator[str]:
         for line in _lines(paths, opts):
             if keep_p < 1.0 and rng.random() >= keep_p:
                 continue
@@ -158,24 +178,45 @@ def train_tokenizer(inputs: list[str | Path], vocab_size: int, output_dir: str |
             max_sentence_length=max_sentence_length, input_sentence_size=0, shuffle_input_sentence=False,
             num_threads=threads or 1, split_digits=True, hard_vocab_limit=True, minloglevel=2)
     except RuntimeError as exc:
+        if read_errors:
+            raise read_errors[0] from None
         msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
-        raise DataError(f"sentencepiece could not train on these inputs: {msg} "
-                        "(fix: lower --vocab-size or give more text)") from None
+        fix = "raise --vocab-size" if "smaller than required_chars" in msg else "lower --vocab-size or give more text"
+        raise DataError(f"sentencepiece could not train on these inputs: {msg} (fix: {fix})") from None
+    if read_errors:
+        raise read_errors[0]
     if stats.used == 0:
         raise DataError("the inputs hold no text lines to train on (fix: check the --input files)")
 
     out = Path(output_dir)
+    tmp_model, tmp_card = out / (MODEL_FILE + ".tmp"), out / (CARD_FILE + ".tmp")
+    try:
+        return _write_tokenizer(out, tmp_model, tmp_card, model.getvalue(), model_type, digest, paths, seed, stats,
+                                keep_p, log)
+    except OSError as exc:
+        for tmp in (tmp_model, tmp_card):
+            try:
+                tmp.unlink()
+            except OSError:
+                pass  # never written, or the place refuses writes: the first error is the one to report
+        raise DataError(f"cannot write the tokenizer to {out}: {exc.strerror or exc} "
+                        "(fix: choose a writable --output directory)") from None
+
+
+def _write_tokenizer(out: Path, tmp_model: Path, tmp_card: Path, proto: bytes, model_type: str, digest: str,
+                     paths: list[Path], seed: int, stats: _LineStats, keep_p: float,
+                     log: Callable[[str], None]) -> TokenizerCard:
+    import sentencepiece as spm
+
     out.mkdir(parents=True, exist_ok=True)
-    tmp_model = out / (MODEL_FILE + ".tmp")
-    tmp_model.write_bytes(model.getvalue())
-    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    tmp_model.write_bytes(proto)
+    sp = spm.SentencePieceProcessor(model_proto=proto)
     card = TokenizerCard(
         vocab_size=sp.vocab_size(), model_type=model_type, unk_id=sp.unk_id(), eod_id=sp.eos_id(),
-        bos_id=sp.bos_id(), pad_id=sp.pad_id(), model_sha256=hashlib.sha256(model.getvalue()).hexdigest(),
+        bos_id=sp.bos_id(), pad_id=sp.pad_id(), model_sha256=hashlib.sha256(proto).hexdigest(),
         input_sha256=digest, inputs=[str(p) for p in paths], seed=seed, lines_used=stats.used,
         lines_split=stats.split, lines_dropped=stats.dropped, sampled=keep_p < 1.0,
         sentencepiece_version=spm.__version__)
-    tmp_card = out / (CARD_FILE + ".tmp")
     tmp_card.write_text(json.dumps(asdict(card), indent=2) + "\n")
     os.replace(tmp_model, out / MODEL_FILE)
     os.replace(tmp_card, out / CARD_FILE)

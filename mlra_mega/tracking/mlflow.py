@@ -37,10 +37,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlra_mega.config import RunConfig, flatten
+from mlra_mega.config import RunConfig, flatten, public_dict
+from mlra_mega.credentials import mask, strip_masked
 from mlra_mega.train.callbacks import Callback
 
-__all__ = ["BUFFER", "MLflowLogger", "default_tracking_uri", "sync_run", "tracking_uri", "ui_command"]
+__all__ = ["BUFFER", "MLflowLogger", "check_tracking_store", "default_tracking_uri", "sync_run", "tracking_uri",
+           "ui_command"]
 
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
@@ -61,8 +63,75 @@ def tracking_uri(cfg: RunConfig) -> str:
     return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.run.root)
 
 
+_SCHEMES = {"http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks", "databricks-uc", "uc"}
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_tracking_store(uri: str) -> None:
+    """A store that can never work is a ConfigError now, not an 'outage' later: a malformed URI, a
+    scheme MLflow has no store for, a SQLite file that is not a database or cannot be written.
+    Servers are not contacted here (an unreachable server is an outage the run rides out)."""
+    from urllib.parse import urlsplit
+
+    from mlra_mega.errors import ConfigError
+
+    shown = mask(uri)
+    fix = "use http(s)://HOST:PORT for a server, sqlite:////ABS/PATH.db for a file store, or unset tracking.uri"
+    if "://" not in uri and ":" not in uri.split("/", 1)[0]:
+        return  # a local directory: MLflow's file store
+    try:
+        parts = urlsplit(uri)
+        scheme = parts.scheme.lower()
+        base = scheme.split("+", 1)[0]  # postgresql+psycopg2 and the like
+        if base not in _SCHEMES:
+            raise ConfigError("tracking.uri", f"{shown!r}: MLflow has no tracking store for the scheme {scheme!r}", fix)
+        if base in ("http", "https"):
+            if not parts.hostname:
+                raise ConfigError("tracking.uri", f"{shown!r} names no host", fix)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        raise ConfigError("tracking.uri", f"{shown!r} is not a valid URI ({exc})", fix) from None
+    if base != "sqlite":
+        return
+    if not uri.startswith("sqlite:///"):
+        raise ConfigError("tracking.uri", f"{shown!r} is not a SQLite URI", "write sqlite:////ABS/PATH.db or "
+                          "sqlite:///RELATIVE/PATH.db")
+    path = Path(uri[len("sqlite:///"):])
+    if path.is_dir():
+        raise ConfigError("tracking.uri", f"{path} is a directory, not a SQLite file", fix)
+    if path.is_file():
+        with path.open("rb") as f:
+            head = f.read(len(_SQLITE_MAGIC))
+        if head and head != _SQLITE_MAGIC:
+            raise ConfigError("tracking.uri", f"{path} is not a SQLite database (corrupt, or another kind of file)",
+                              "point tracking.uri at a good store, or move the file away to start a new one")
+        if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK):
+            raise ConfigError("tracking.uri", f"{path} (or its directory) is read-only: MLflow cannot write to it",
+                              "make it writable, or point tracking.uri / run.root elsewhere")
+    else:
+        parent = next((p for p in path.parents if p.exists()), None)
+        if parent is not None and not os.access(parent, os.W_OK):
+            raise ConfigError("tracking.uri", f"{path} cannot be created: {parent} is read-only",
+                              "point tracking.uri / run.root at a writable place")
+
+
+def _permanent(exc: BaseException) -> str | None:
+    """What makes this failure one that waiting will not cure, or None for an outage."""
+    text = f"{type(exc).__name__}: {exc}"
+    for needle, what in (("readonly database", "the store is read-only"),
+                         ("file is not a database", "the store is not a SQLite database"),
+                         ("database disk image is malformed", "the store is corrupt"),
+                         ("Could not find a registered", "MLflow has no store for this URI"),
+                         ("UNAUTHENTICATED", "the server refused the credentials"),
+                         ("PERMISSION_DENIED", "the server refused access"),
+                         ("401", "the server refused the credentials"), ("403", "the server refused access")):
+        if needle in text and (needle not in ("401", "403") or "status code" in text or "HTTP" in text):
+            return what
+    return None
+
+
 def ui_command(uri: str) -> str:
-    return f"mlflow ui --backend-store-uri {uri}"
+    return f"mlflow ui --backend-store-uri {mask(uri)}"
 
 
 def _git_sha() -> str:
@@ -212,7 +281,7 @@ class MLflowLogger(Callback):
             with self._moving, self._lock:
                 self._pending.extend(r for r in self._drain(0) if "step" in r)
                 self._write_buffer()
-            print(f"[mlflow] {self.uri} did not answer within tracking.final_flush_s="
+            print(f"[mlflow] {mask(self.uri)} did not answer within tracking.final_flush_s="
                   f"{self.cfg.tracking.final_flush_s:g}s; unsent records are kept in {self.buffer} and go out when "
                   f"this run resumes, or with: mlra-mega sync-tracking {self.run_dir}", file=sys.stderr, flush=True)
         self._thread = None
@@ -254,7 +323,7 @@ class MLflowLogger(Callback):
             else:
                 exp_id = exp.experiment_id
             run_id = client.create_run(exp_id, run_name=self.run_dir.name).info.run_id
-            params = [Param(k, str(v)[:6000]) for k, v in flatten(self.cfg).items()]
+            params = [Param(k, str(v)[:6000]) for k, v in flatten(public_dict(self.cfg)).items()]
             for i in range(0, len(params), _PARAM_BATCH):
                 client.log_batch(run_id, params=params[i:i + _PARAM_BATCH])
             tags = {"git_sha": _git_sha(), "layout": setup["layout"], "world_size": str(setup["world_size"]),
@@ -341,7 +410,7 @@ class MLflowLogger(Callback):
                     if failures or self.buffer.exists():
                         self._write_buffer() if self._pending else self.buffer.unlink(missing_ok=True)
                 if failures:
-                    print(f"[mlflow] {self.uri} answers again after {time.monotonic() - outage_since:.0f}s; "
+                    print(f"[mlflow] {mask(self.uri)} answers again after {time.monotonic() - outage_since:.0f}s; "
                           "the buffered records are in", file=sys.stderr, flush=True)
                 failures = 0
                 if end is not None and not self._pending:
@@ -352,8 +421,16 @@ class MLflowLogger(Callback):
                 if not failures:
                     self.outages += 1
                     outage_since = time.monotonic()
-                    print(f"[mlflow] cannot reach {self.uri} ({type(exc).__name__}: {str(exc)[:200]}); training "
-                          f"goes on, records wait in {self.buffer}", file=sys.stderr, flush=True)
+                    detail = f"{type(exc).__name__}: {mask(str(exc)).splitlines()[0][:200] if str(exc) else ''}"
+                    permanent = _permanent(exc)
+                    if permanent:
+                        print(f"[mlflow] {mask(self.uri)} cannot take this run: {permanent} ({detail}); this is not "
+                              f"an outage and will not pass by itself. Training goes on, records wait in "
+                              f"{self.buffer}; fix the store, then: mlra-mega sync-tracking {self.run_dir}",
+                              file=sys.stderr, flush=True)
+                    else:
+                        print(f"[mlflow] cannot reach {mask(self.uri)} ({detail}); training goes on, records "
+                              f"wait in {self.buffer}", file=sys.stderr, flush=True)
                 failures += 1
                 with self._lock:
                     self._uncertain = True
@@ -379,7 +456,8 @@ def sync_run(run_dir: Path, uri: str | None = None) -> int:
         raise ConfigError("RUN_DIR", f"{run_dir} has no {RUN_ID_FILE}: its MLflow run was never created",
                           "give a run directory whose run reached the tracking server or store once")
     cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else load_config()
-    client = MlflowClient(tracking_uri=uri or tracking_uri(cfg))
+    # config.yaml holds the URI masked; its credentials come from MLflow's variables.
+    client = MlflowClient(tracking_uri=uri or strip_masked(tracking_uri(cfg)))
     run_id = (run_dir / RUN_ID_FILE).read_text().strip()
     sent = 0
     if (run_dir / BUFFER).is_file():

@@ -15,7 +15,8 @@ Layout of `<run dir>/checkpoints/`:
 
 DeepSpeed's own non-atomic `latest` is not written (`save_latest=False`). A checkpoint counts
 only when its manifest exists and every file in it has its recorded size. Sidecars and RNG files
-hold plain types and tensors only, and are loaded with `weights_only=True`.
+hold plain types and tensors only; every file, DeepSpeed's included, is read by `safe_load`
+(weights only: a checkpoint cannot run code).
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mlra_mega.config import ConfigError, RunConfig, flatten, to_dict
+from mlra_mega.config import ConfigError, RunConfig, flatten, public_dict
+from mlra_mega.errors import DataError
 from mlra_mega.data.tokenizer import file_sha256
 from mlra_mega.train.callbacks import Callback
+from mlra_mega.train.safe_load import safe_load
 
 __all__ = ["Checkpointer", "Checkpoint", "tag_for", "model_shard", "save_checkpoint", "find_checkpoint", "load_checkpoint", "check_compatible",
            "read_sidecar", "is_complete", "checkpoint_problem", "package_versions", "rng_state", "set_rng_state"]
@@ -135,6 +138,9 @@ def checkpoint_problem(path: Path, verify_hashes: bool = False) -> str | None:
             return f"{name} has {f.stat().st_size} bytes, the manifest says {entry['size']}"
         if verify_hashes and file_sha256(f) != entry["sha256"]:
             return f"{name} does not match its sha256 in the manifest"
+    for needed, what in ((SIDECAR, SIDECAR), ("model/tp00.pt", "model/tp00.pt"), ("rng/", "the RNG states (rng/)")):
+        if not any(name == needed or (needed.endswith("/") and name.startswith(needed)) for name in files):
+            return f"its manifest does not list {what}"
     return None
 
 
@@ -216,7 +222,7 @@ def find_checkpoint(where: Path, verify_hashes: bool = False, log=None, before: 
 
 
 def read_sidecar(ckpt: Checkpoint) -> dict[str, Any]:
-    return torch.load(ckpt.path / SIDECAR, weights_only=True)
+    return safe_load(ckpt.path / SIDECAR)
 
 
 def check_compatible(ckpt: Checkpoint, sidecar: dict[str, Any], cfg: RunConfig, tp: int, dp: int) -> None:
@@ -244,14 +250,26 @@ def load_checkpoint(engine: Any, ckpt: Checkpoint) -> None:
         raise ConfigError("checkpoint", f"DeepSpeed found nothing to load in {ckpt.path}",
                           "point --resume at a checkpoint written by this framework")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    set_rng_state(torch.load(ckpt.path / "rng" / f"rank{rank:05d}.pt", weights_only=True))
+    rng = ckpt.path / "rng" / f"rank{rank:05d}.pt"
+    if not rng.is_file():
+        raise ConfigError("checkpoint", f"{ckpt.path} has no RNG states for rank {rank} ({rng.name})",
+                          "resume from a complete checkpoint of this layout")
+    set_rng_state(safe_load(rng))
 
 
 def sidecar_for(cfg: RunConfig, step: int, consumed_samples: int, callbacks: dict[str, Any], tp: int, dp: int,
                 finished: bool) -> dict[str, Any]:
-    return {"step": step, "consumed_samples": consumed_samples, "config": to_dict(cfg), "callbacks": callbacks,
+    return {"step": step, "consumed_samples": consumed_samples, "config": public_dict(cfg), "callbacks": callbacks,
             "versions": package_versions(), "layout": {"tensor": tp, "data": dp, "zero_stage": cfg.zero.stage},
             "finished": finished}
+
+
+def _is_write_failure(exc: Exception) -> bool:
+    """A full disk or a file system that refuses writes (torch's zip writer says it as a RuntimeError)."""
+    if isinstance(exc, OSError):
+        return True
+    text = str(exc)
+    return "file write failed" in text or "failed writing" in text or "No space left" in text
 
 
 class Checkpointer(Callback):
@@ -276,8 +294,18 @@ class Checkpointer(Callback):
         sidecar = sidecar_for(self.cfg, trainer.step, trainer.batches.consumed_samples, states, ctx.tp_size,
                               ctx.dp_size, finished=trainer.step >= self.cfg.train.steps)
         start = time.perf_counter()
-        self.last = save_checkpoint(trainer.engine, self.root, trainer.step, sidecar, is_main=ctx.is_main,
-                                    dp_rank=ctx.dp_rank, tp_rank=ctx.tp_rank, tokenizer_dir=self.tokenizer_dir,
-                                    keep=self.cfg.checkpoint.keep)
+        try:
+            self.last = save_checkpoint(trainer.engine, self.root, trainer.step, sidecar, is_main=ctx.is_main,
+                                        dp_rank=ctx.dp_rank, tp_rank=ctx.tp_rank, tokenizer_dir=self.tokenizer_dir,
+                                        keep=self.cfg.checkpoint.keep)
+        except (OSError, RuntimeError) as exc:
+            if not _is_write_failure(exc):
+                raise
+            kept = find_checkpoint(self.root)
+            raise DataError(f"checkpoint: writing {tag_for(trainer.step)} under {self.root} failed ({exc}); "
+                            + (f"{kept.tag} is still the latest complete checkpoint" if kept else
+                               "there is no complete checkpoint yet")
+                            + " (fix: free space or fix the file system there, then run again: --resume auto "
+                            "continues from the latest complete checkpoint)") from None
         self.last_save_s = time.perf_counter() - start
         return self.last

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from mlra_mega.config import ConfigError, OptimConfig, RunConfig
+from mlra_mega.train.safe_load import make_engine_loads_safe
 
 __all__ = ["MegatronMPU", "deepspeed_config", "param_groups", "lr_factor", "build_engine",
            "add_sequence_parallel_grad_hooks", "tensor_parallel_grad_norm", "global_grad_norm"]
@@ -161,4 +162,5 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, dp_size: int):
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=scheduler, config=ds_cfg,
                                            mpu=MegatronMPU(), dist_init_required=False)
+    make_engine_loads_safe(engine)
     return engine, ds_cfg

@@ -20,14 +20,16 @@ import torch.distributed as dist
 import yaml
 
 from mlra_mega import distributed
-from mlra_mega.config import ConfigError, RunConfig, to_dict
+from mlra_mega.config import ConfigError, RunConfig, public_dict
 from mlra_mega.errors import MlraMegaError, PeerLost
 from mlra_mega.data.datasets import SampleOrder, TrainBatches, build_datasets
 from mlra_mega.data.tokenizer import check_vocab, load_tokenizer
 from mlra_mega.distributed import ParallelContext, launch_env
 from mlra_mega.train.callbacks import Callback, ConsoleLogger, MetricsFile, RunSummary
 from mlra_mega.train.rank_logs import RankLog, Watchdog
-from mlra_mega.train.checkpoint import Checkpointer, check_compatible, find_checkpoint, read_sidecar
+from mlra_mega.train.run_lock import RunLock
+from mlra_mega.train.checkpoint import (Checkpointer, check_compatible, checkpoint_problem, find_checkpoint,
+                                        read_sidecar)
 from mlra_mega.train.profiler import StepProfiler
 from mlra_mega.train.stability import stability_callbacks
 from mlra_mega.train.signals import PREEMPTED, PreemptionGuard, install_handlers, restore_handlers
@@ -87,6 +89,7 @@ def _checkpoint_to_resume(cfg: RunConfig, run_dir: Path, tp: int, dp: int, log: 
     if resume == "auto":
         ckpt = find_checkpoint(run_dir, verify_hashes=True, log=log)
         if ckpt is None:
+            _refuse_to_start_over(run_dir)
             return None, None
     else:
         ckpt = find_checkpoint(Path(resume), verify_hashes=True, log=log)
@@ -96,10 +99,25 @@ def _checkpoint_to_resume(cfg: RunConfig, run_dir: Path, tp: int, dp: int, log: 
     sidecar = read_sidecar(ckpt)
     check_compatible(ckpt, sidecar, cfg, tp, dp)
     if sidecar["step"] >= cfg.train.steps:
-        raise ConfigError("checkpoint.resume", f"the run in {run_dir} already finished ({ckpt.tag}, "
+        raise ConfigError("checkpoint.resume", f"the run of {ckpt.path} already finished (step {sidecar['step']}, "
                           f"train.steps={cfg.train.steps})",
                           "start a new run.dir, or use checkpoint.resume=never with a new run.dir")
     return ckpt, sidecar
+
+
+def _refuse_to_start_over(run_dir: Path) -> None:
+    """A run directory that holds a run but no usable checkpoint is never trained over from step 0."""
+    root = run_dir / "checkpoints"
+    tags = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step")) if root.is_dir() else []
+    if tags:
+        problems = "; ".join(f"{t.name}: {checkpoint_problem(t, verify_hashes=True)}" for t in tags[-3:])
+        raise ConfigError("checkpoint.resume", f"auto found no usable checkpoint in {root} ({problems})",
+                          "resume from a good copy with --resume PATH, or start afresh with --resume never "
+                          "and a new run.dir")
+    if (run_dir / "metrics.jsonl").exists():
+        raise ConfigError("checkpoint.resume", f"auto found {run_dir / 'metrics.jsonl'} but no checkpoint to "
+                          "continue it from (the run stopped before its first checkpoint)",
+                          "start afresh with --resume never and a new run.dir (or delete this one)")
 
 
 def _with_tokenizer_vocab(cfg: RunConfig):
@@ -110,6 +128,23 @@ def _with_tokenizer_vocab(cfg: RunConfig):
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
     cfg.validate()
     return cfg, tokenizer
+
+
+def _lock_run_dir(cfg: RunConfig, ctx: ParallelContext, run_dir: Path, log: Callable[[str], None]
+                  ) -> RunLock | None:
+    """Rank 0 takes the run directory's lock; every rank raises the same error when it cannot."""
+    lock, refusal = None, [None]
+    if ctx.is_main:
+        try:
+            lock = RunLock(run_dir, cfg.faults.lock_stale_s, log)
+            lock.acquire()
+        except ConfigError as exc:
+            lock, refusal[0] = None, (exc.field, exc.problem, exc.fix)
+    if ctx.world_size > 1:
+        dist.broadcast_object_list(refusal, src=0)
+    if refusal[0] is not None:
+        raise ConfigError(*refusal[0])
+    return lock
 
 
 def _name_lost_peers(ctx: ParallelContext, step: int, exc: Exception) -> None:
@@ -127,12 +162,6 @@ def _run(cfg: RunConfig, ctx: ParallelContext, engine, batches: TrainBatches, da
          ds_cfg: dict, callbacks: Sequence[Callback], rank_log: RankLog, log: Callable[[str], None]
          ) -> tuple[list[StepMetrics], Path]:
     """The trainer with its callbacks, inside the rank's log."""
-    if ctx.is_main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        (run_dir / "deepspeed.json").write_text(json.dumps(ds_cfg, indent=2) + "\n")
-        log(f"[train] run dir {run_dir}; {ctx.world_size} processes = tensor {ctx.tp_size} x data {ctx.dp_size}, "
-            f"ZeRO-{cfg.zero.stage}, {cfg.train.precision}"
-            + (f"; resuming {ckpt.path} at step {sidecar['step']}" if ckpt else ""))
     main_log = log if ctx.is_main else lambda s: None
     standard: list[Callback] = [StepProfiler(cfg.profile, run_dir, ctx.rank, log),
                                 *stability_callbacks(cfg, main_log), ConsoleLogger(),
@@ -146,8 +175,13 @@ def _run(cfg: RunConfig, ctx: ParallelContext, engine, batches: TrainBatches, da
     trainer = Trainer(cfg, ctx, engine, batches, data.valid, [*standard, *callbacks, checkpointer, guard],
                       run_dir=run_dir, log=main_log)
     if ckpt is not None:
-        trainer.restore(ckpt, sidecar)
+        trainer.restore(ckpt, sidecar)  # before anything is written: a refused checkpoint changes nothing
     if ctx.is_main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(public_dict(cfg), sort_keys=False))
+        (run_dir / "deepspeed.json").write_text(json.dumps(ds_cfg, indent=2) + "\n")
+        log(f"[train] run dir {run_dir}; {ctx.world_size} processes = tensor {ctx.tp_size} x data {ctx.dp_size}, "
+            f"ZeRO-{cfg.zero.stage}, {cfg.train.precision}"
+            + (f"; resuming {ckpt.path} at step {sidecar['step']}" if ckpt else ""))
         (run_dir / PREEMPTED).unlink(missing_ok=True)  # this job goes on from where that one stopped
     previous = install_handlers()
     try:
@@ -172,6 +206,10 @@ def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), log: Callable[[str
 
     dp = validate_layout(cfg, launch_env().world_size if not dist.is_initialized() else dist.get_world_size())
     cfg, tokenizer = _with_tokenizer_vocab(cfg)
+    if cfg.tracking.enabled:
+        from mlra_mega.tracking.mlflow import check_tracking_store, tracking_uri
+
+        check_tracking_store(tracking_uri(cfg))
     owns_process_group = not dist.is_initialized()
     ctx = distributed.setup(cfg.parallel, cfg.train.seed)
     try:
@@ -187,10 +225,15 @@ def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), log: Callable[[str
             add_sequence_parallel_grad_hooks(model, parallel_state.get_tensor_model_parallel_group())
         engine, ds_cfg = build_engine(cfg, model.to(ctx.device), dp)
         run_dir = resolve_run_dir(cfg, ctx)
-        ckpt, sidecar = _checkpoint_to_resume(cfg, run_dir, ctx.tp_size, dp, log if ctx.is_main else lambda s: None)
-        if ctx.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        with RankLog(run_dir, ctx.rank, launch_env().launcher) as rank_log:
-            return _run(cfg, ctx, engine, batches, data, run_dir, ckpt, sidecar, ds_cfg, callbacks, rank_log, log)
+        lock = _lock_run_dir(cfg, ctx, run_dir, log)
+        try:
+            ckpt, sidecar = _checkpoint_to_resume(cfg, run_dir, ctx.tp_size, dp,
+                                                  log if ctx.is_main else lambda s: None)
+            with RankLog(run_dir, ctx.rank, launch_env().launcher) as rank_log:
+                return _run(cfg, ctx, engine, batches, data, run_dir, ckpt, sidecar, ds_cfg, callbacks, rank_log,
+                            log)
+        finally:
+            if lock is not None:
+                lock.release()
     finally:
         distributed.teardown(keep_process_group=not owns_process_group)
