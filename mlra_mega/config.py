@@ -660,8 +660,9 @@ def _expanded_size(root: yaml.Node, limit: int) -> int:
 
 def read_yaml_document(text: str, what: str) -> Any:
     """One YAML document, safely: duplicated keys and oversized alias expansions are ConfigErrors."""
-    loader = _StrictLoader(text)
+    loader = None
     try:
+        loader = _StrictLoader(text)  # its reader refuses some characters at once
         root = loader.get_single_node()
         if root is None:
             return None
@@ -677,7 +678,8 @@ def read_yaml_document(text: str, what: str) -> Any:
     except RecursionError:
         raise ConfigError("config", f"{what} nests too deeply", "write a flatter YAML document") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -703,7 +705,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _split_override(item: str) -> tuple[str, str]:
     key, sep, value = item.partition("=")
     key = key.strip()
-    if not sep or not key:
+    if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError("override", f"{_show(item)} is not of the form section.key=value",
                           "write overrides like model.hidden_size=512")
     return key, value

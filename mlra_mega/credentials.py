@@ -11,7 +11,7 @@ which sbatch hands to the job; those variables are also what users should set in
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 __all__ = ["MASK", "mask", "split_credentials", "strip_masked"]
 
@@ -34,15 +34,16 @@ def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
     netloc = parts.netloc
     if "@" in netloc:
         userinfo, netloc = netloc.rsplit("@", 1)
-        user, _, password = userinfo.partition(":")
-        if user:
+        user, _, password = (unquote(part) for part in userinfo.partition(":"))
+        if user and user != MASK:  # a masked URI carries nothing: the variables already hold it
             env["MLFLOW_TRACKING_USERNAME"] = user
-        if password:
+        if password and password != MASK:
             env["MLFLOW_TRACKING_PASSWORD"] = password
     query = []
     for name, value in parse_qsl(parts.query, keep_blank_values=True):
         if name.lower() in _SECRET_PARAMS:
-            env["MLFLOW_TRACKING_TOKEN"] = value
+            if value != MASK:
+                env["MLFLOW_TRACKING_TOKEN"] = value
         else:
             query.append((name, value))
     return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query), parts.fragment)), env

@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from mlra_mega.config import ConfigError, RunConfig, load_config, to_dict
+from mlra_mega.config import ConfigError, RunConfig, load_config, public_dict, read_yaml_document
 from mlra_mega.variants import variant_overrides
 
 __all__ = ["Member", "SweepSpec", "load_spec", "members", "run_sweep"]
@@ -63,21 +63,24 @@ def load_spec(path: str | Path, seeds: int | None = None, overrides: list[str] |
     path = Path(path)
     if not path.is_file():
         raise ConfigError("sweep", f"{path} not found", "give the path of a sweep spec YAML")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml_document(path.read_text(encoding="utf-8", errors="replace"), str(path)) or {}
+    if not isinstance(data, dict):
+        raise ConfigError("sweep", f"{path} holds a {type(data).__name__}, not a sweep spec",
+                          "write name, base, overrides, axes and seeds as keys")
     unknown = set(data) - {"name", "base", "overrides", "axes", "seeds"}
     if unknown:
         raise ConfigError(f"sweep.{sorted(unknown)[0]}", "is not a sweep spec key",
                           "use name, base, overrides, axes, seeds")
     name = data.get("name")
     if not isinstance(name, str) or not name or "/" in name:
-        raise ConfigError("sweep.name", f"must be a non-empty name without '/', got {name!r}",
+        raise ConfigError("sweep.name", f"must be a non-empty name without '/', got {str(name)[:80]!r}",
                           "name the sweep, e.g. name: depth-study")
     base = (path.parent / data["base"]).resolve() if data.get("base") else None
     if base is not None and not base.is_file():
         raise ConfigError("sweep.base", f"{base} not found", "give the base config relative to the spec file")
     axes = data.get("axes") or {}
     if not isinstance(axes, dict) or not axes or any(not isinstance(v, list) or not v for v in axes.values()):
-        raise ConfigError("sweep.axes", f"must map each axis to a non-empty list, got {axes!r}",
+        raise ConfigError("sweep.axes", f"must map each axis to a non-empty list, got {str(axes)[:200]}",
                           "e.g. axes: {variant: [vanilla, mlra], model.num_layers: [4, 8]}")
     raw_seeds = seeds if seeds is not None else data.get("seeds", 1)
     seed_list = list(range(raw_seeds)) if isinstance(raw_seeds, int) else raw_seeds
@@ -161,7 +164,7 @@ def run_sweep(spec: SweepSpec, *, submit: Callable[[Path], str] | None = None,
         if submit is not None:
             run_dir = Path(member_cfg.run.dir)
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "member.yaml").write_text(yaml.safe_dump(to_dict(member_cfg), sort_keys=False))
+            (run_dir / "member.yaml").write_text(yaml.safe_dump(public_dict(member_cfg), sort_keys=False))
             outcomes.append((member.name, submit(run_dir / "member.yaml")))
             log(f"{head}: {outcomes[-1][1]}")
             continue

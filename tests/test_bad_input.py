@@ -28,8 +28,11 @@ from tests.conftest import QUICKSTART, tiny_train_argv
 
 # Names of the cases tested outside the table, for the count the suite prints.
 EXTRA_CASES = ["full disk during a checkpoint", "a second run into a held run directory",
-               "credentials in tracking.uri (files, logs, batch script)", "payload in a checkpoint file (x8)",
-               "alias bomb: bounded time and message"]
+               "credentials in tracking.uri (files, logs, batch script)", "read-only tracking store",
+               "permanent tracking failure vs outage", "alias bomb: bounded time and message",
+               *(f"payload in {f} (tests/train/test_safe_load.py)" for f in (
+                   "sidecar.pt", "rng/", "DeepSpeed model states", "ZeRO optimizer states", "every file",
+                   "sidecar.pt at export", "model/tp00.pt at export", "every file at export"))]
 
 
 @dataclass
@@ -350,3 +353,77 @@ def test_a_second_run_into_a_held_run_directory_is_refused(world: World, capsys:
 
 def pytest_bad_input_count() -> int:
     return len(BAD_INPUTS) + len(EXTRA_CASES)
+
+
+def test_credentials_in_the_tracking_uri_are_never_written(world: World, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from mlra_mega import slurm
+    from mlra_mega.config import flatten, load_config, public_dict
+    from mlra_mega.train.checkpoint import find_checkpoint, read_sidecar
+
+    with socket.socket() as s:  # a port nobody listens on: the server is "down", the run goes on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://alice:s3cr3t-pw@127.0.0.1:{port}/?token=t0k3n"
+    run = world.root / "run"
+    world.root.mkdir()
+    assert main(world.train("train.steps=2", "tracking.enabled=true", f"tracking.uri={uri}",
+                            "tracking.final_flush_s=0", run=run)) == 0
+    out = capsys.readouterr()
+    written = [run / "config.yaml", *(run / "logs").glob("*.log")]
+    for text in [out.out, out.err, *(p.read_text() for p in written),
+                 repr(read_sidecar(find_checkpoint(run))["config"]),
+                 repr(flatten(public_dict(load_config(None, [f"tracking.uri={uri}"]))))]:  # what MLflow's params get
+        assert "s3cr3t-pw" not in text and "t0k3n" not in text
+    assert f"http://***@127.0.0.1:{port}/?token=***" in (run / "config.yaml").read_text()
+
+    # The batch script gets the URI without credentials; sbatch's environment carries them.
+    argv = ["submit", str(QUICKSTART), "--cpu", f"tracking.uri={uri}", f"run.dir={world.root / 'job'}"]
+    assert main([*argv, "--dry-run"]) == 0
+    script = capsys.readouterr().out
+    assert "s3cr3t-pw" not in script and "t0k3n" not in script and f"tracking.uri=http://127.0.0.1:{port}/" in script
+    calls = []
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: "/usr/bin/sbatch")
+    monkeypatch.setattr(slurm.subprocess, "run", lambda cmd, **kw: calls.append((cmd, kw)) or subprocess.CompletedProcess(
+        cmd, 0, stdout="42\n", stderr=""))
+    assert main(argv) == 0
+    (cmd, kw), = calls
+    assert "s3cr3t-pw" not in Path(cmd[-1]).read_text()
+    assert kw["env"]["MLFLOW_TRACKING_USERNAME"] == "alice" and kw["env"]["MLFLOW_TRACKING_PASSWORD"] == "s3cr3t-pw"
+    assert kw["env"]["MLFLOW_TRACKING_TOKEN"] == "t0k3n"
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path):
+    """A directory on a file system mounted read-only (root bypasses file modes, not a ro mount)."""
+    where = tmp_path / "ro"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], capture_output=True)
+
+
+def test_a_read_only_tracking_store_is_an_error_not_an_outage(world: World, read_only_dir: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import sqlite3
+
+    db = read_only_dir / "mlflow.db"
+    sqlite3.connect(db).execute("create table t (x)").connection.close()
+    subprocess.run(["mount", "-o", "remount,ro", str(read_only_dir)], check=True)
+    world.root.mkdir()
+    assert main(world.train("tracking.enabled=true", f"tracking.uri=sqlite:///{db}")) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "read-only" in last and "tracking.uri" in last and not (world.root / "new-run").exists()
+
+
+def test_permanent_tracking_failures_are_told_apart_from_outages() -> None:
+    from mlra_mega.tracking.mlflow import _permanent
+
+    assert _permanent(Exception("(sqlite3.OperationalError) attempt to write a readonly database"))
+    assert _permanent(Exception("(sqlite3.DatabaseError) file is not a database"))
+    assert _permanent(Exception("API request failed with error code 401 != 200 ... HTTP"))
+    assert _permanent(ConnectionRefusedError("[Errno 111] Connection refused")) is None
+    assert _permanent(TimeoutError("timed out")) is None

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from mlra_mega.config import RunConfig, flatten, public_dict
-from mlra_mega.credentials import mask, strip_masked
+from mlra_mega.credentials import MASK, mask, strip_masked
 from mlra_mega.train.callbacks import Callback
 
 __all__ = ["BUFFER", "MLflowLogger", "check_tracking_store", "default_tracking_uri", "sync_run", "tracking_uri",
@@ -60,7 +60,9 @@ def default_tracking_uri(runs_root: str | Path) -> str:
 
 
 def tracking_uri(cfg: RunConfig) -> str:
-    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.run.root)
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.run.root)
+    # A URI read back from a file we wrote is masked: its credentials come from MLflow's variables.
+    return strip_masked(uri) if MASK in uri else uri
 
 
 _SCHEMES = {"http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks", "databricks-uc", "uc"}
@@ -457,7 +459,7 @@ def sync_run(run_dir: Path, uri: str | None = None) -> int:
                           "give a run directory whose run reached the tracking server or store once")
     cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else load_config()
     # config.yaml holds the URI masked; its credentials come from MLflow's variables.
-    client = MlflowClient(tracking_uri=uri or strip_masked(tracking_uri(cfg)))
+    client = MlflowClient(tracking_uri=uri or tracking_uri(cfg))
     run_id = (run_dir / RUN_ID_FILE).read_text().strip()
     sent = 0
     if (run_dir / BUFFER).is_file():
