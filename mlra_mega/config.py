@@ -324,7 +324,7 @@ class DiagnosticsConfig:
 
 @dataclass
 class EvalConfig:
-    """Validation every `interval` steps (0 = off) over `iters` batches."""
+    """Validation every `interval` steps (0 = off) over `iters` global batches (0 = the whole split)."""
 
     interval: int = 0
     iters: int = 10
@@ -332,7 +332,9 @@ class EvalConfig:
     def validate(self, prefix: str = "eval") -> None:
         if self.interval < 0:
             raise ConfigError(f"{prefix}.interval", f"must be >= 0, got {self.interval}", "use 0 to turn it off")
-        _require_positive(f"{prefix}.iters", self.iters)
+        if self.iters < 0:
+            raise ConfigError(f"{prefix}.iters", f"must be >= 0, got {self.iters}",
+                              "give the number of validation batches, or 0 for the whole split")
 
 
 @dataclass
@@ -354,7 +356,8 @@ class CheckpointConfig:
 
 @dataclass
 class FaultsConfig:
-    """Drills and diagnosis: a gradient-poisoning drill, the hang watchdog, the dead-peer wait.
+    """Drills and diagnosis: a gradient-poisoning drill, a hang drill, the hang watchdog, the
+    dead-peer wait, the run-directory lock.
 
     The drill can also come from the environment: MLRA_INJECT_NAN=STEP[:RANK[:COUNT]].
     """
@@ -363,6 +366,9 @@ class FaultsConfig:
     inject_nan_rank: int = 0  # the global rank whose gradients are poisoned
     inject_nan_count: int = 1  # how many steps in a row
     watchdog_minutes: float = 30.0  # dump every rank's stacks after this long without a finished step; 0 = off
+    inject_hang_step: int | None = None  # a drill: this step stalls (one rank's) for inject_hang_s seconds
+    inject_hang_rank: int = 0
+    inject_hang_s: float = 60.0
     peer_timeout_s: float = 60.0  # after a stop signal, how long to wait for the other ranks to agree
     lock_stale_s: float = 300.0  # a run-directory lock not renewed for this long is taken over
 
@@ -373,6 +379,14 @@ class FaultsConfig:
         if self.inject_nan_rank < 0:
             raise ConfigError(f"{prefix}.inject_nan_rank", f"must be >= 0, got {self.inject_nan_rank}",
                               "give the global rank to poison")
+        if self.inject_hang_step is not None:
+            _require_positive(f"{prefix}.inject_hang_step", self.inject_hang_step)
+        if self.inject_hang_rank < 0:
+            raise ConfigError(f"{prefix}.inject_hang_rank", f"must be >= 0, got {self.inject_hang_rank}",
+                              "give the global rank that stalls")
+        if not self.inject_hang_s > 0:
+            raise ConfigError(f"{prefix}.inject_hang_s", f"must be > 0, got {self.inject_hang_s}",
+                              "give the seconds the drill's step stalls")
         if self.watchdog_minutes < 0:
             raise ConfigError(f"{prefix}.watchdog_minutes", f"must be >= 0, got {self.watchdog_minutes}",
                               "use 0 to turn the watchdog off")

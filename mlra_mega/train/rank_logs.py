@@ -139,6 +139,20 @@ class Watchdog(Callback):
         faulthandler.cancel_dump_traceback_later()
 
 
+class HangDrill(Callback):
+    """A drill for the watchdog: global rank `rank` stalls `seconds` inside step `step` (after its
+    backward, before the optimizer), as a rank stuck in a kernel or a collective would."""
+
+    def __init__(self, step: int, rank: int, seconds: float) -> None:
+        self.step, self.rank, self.seconds = step, rank, seconds
+
+    def on_before_optimizer_step(self, trainer: Any) -> None:
+        # trainer.step counts the finished steps: this is step trainer.step + 1 being made.
+        if trainer.ctx.rank == self.rank and trainer.step == self.step - 1:
+            print(f"[drill] rank {self.rank} stalls {self.seconds:g}s in step {self.step}", flush=True)
+            time.sleep(self.seconds)
+
+
 def request_stacks(run_dir: Path) -> list[tuple[int, str]]:
     """Sends the dump signal to every rank of the run that runs on this host: [(rank, outcome)]."""
     out = []

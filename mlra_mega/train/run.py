@@ -26,7 +26,7 @@ from mlra_mega.data.datasets import SampleOrder, TrainBatches, build_datasets
 from mlra_mega.data.tokenizer import check_vocab, load_tokenizer
 from mlra_mega.distributed import ParallelContext, launch_env
 from mlra_mega.train.callbacks import Callback, ConsoleLogger, MetricsFile, RunSummary
-from mlra_mega.train.rank_logs import RankLog, Watchdog
+from mlra_mega.train.rank_logs import HangDrill, RankLog, Watchdog
 from mlra_mega.train.run_lock import RunLock
 from mlra_mega.train.checkpoint import (Checkpointer, check_compatible, checkpoint_problem, find_checkpoint,
                                         read_sidecar)
@@ -57,6 +57,9 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
                           "lower train.micro_batch_size, or set it to 0")
     if cfg.faults.inject_nan_step is not None and cfg.faults.inject_nan_rank >= world_size:
         raise ConfigError("faults.inject_nan_rank", f"{cfg.faults.inject_nan_rank} is not a rank of this "
+                          f"{world_size}-process job", f"give a rank below {world_size}")
+    if cfg.faults.inject_hang_step is not None and cfg.faults.inject_hang_rank >= world_size:
+        raise ConfigError("faults.inject_hang_rank", f"{cfg.faults.inject_hang_rank} is not a rank of this "
                           f"{world_size}-process job", f"give a rank below {world_size}")
     return dp
 
@@ -163,7 +166,11 @@ def _run(cfg: RunConfig, ctx: ParallelContext, engine, batches: TrainBatches, da
          ) -> tuple[list[StepMetrics], Path]:
     """The trainer with its callbacks, inside the rank's log."""
     main_log = log if ctx.is_main else lambda s: None
-    standard: list[Callback] = [StepProfiler(cfg.profile, run_dir, ctx.rank, log),
+    drill = cfg.faults
+    standard: list[Callback] = [Watchdog(drill.watchdog_minutes, rank_log),
+                                *([HangDrill(drill.inject_hang_step, drill.inject_hang_rank, drill.inject_hang_s)]
+                                  if drill.inject_hang_step is not None else []),
+                                StepProfiler(cfg.profile, run_dir, ctx.rank, log),
                                 *stability_callbacks(cfg, main_log), ConsoleLogger(),
                                 MetricsFile(run_dir / "metrics.jsonl"), RunSummary(run_dir / "summary.json")]
     if cfg.tracking.enabled:

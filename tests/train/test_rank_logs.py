@@ -1,6 +1,6 @@
 """Per-rank logs and stack dumps: everything a rank writes (Python and C level) reaches both the
 console and its log file; SIGUSR2, `mlra-mega stacks` and the watchdog put every thread's stack
-in the log; a 2-rank job leaves one log per rank."""
+in the log (the hang drill shows it in a job); a 2-rank job leaves one log per rank."""
 
 from __future__ import annotations
 
@@ -36,11 +36,11 @@ def test_rank_log_copies_both_descriptors(tmp_path: Path, capfd: pytest.CaptureF
 def _waits_for_a_dump(path: Path, marker: str, seconds: float = 10) -> str:
     deadline = time.time() + seconds
     while time.time() < deadline:
-        text = path.read_text()
+        text = path.read_text() if path.is_file() else ""  # a rank that has not started yet
         if marker in text:
             return text
         time.sleep(0.05)
-    raise AssertionError(f"{marker!r} not in {path}:\n{path.read_text()[-2000:]}")
+    raise AssertionError(f"{marker!r} not in {path}:\n{path.read_text()[-2000:] if path.is_file() else 'no log'}")
 
 
 def test_dump_signal_writes_every_thread_stack(tmp_path: Path) -> None:
@@ -66,7 +66,13 @@ def test_watchdog_dumps_after_a_silent_stretch_and_rearms(tmp_path: Path) -> Non
 def test_two_rank_job_has_a_log_per_rank_and_stacks_on_demand(tmp_path: Path, tokenizer_dir: Path,
                                                               sample_dataset: str, capsys) -> None:
     run = tmp_path / "run"
-    proc = launch(overrides(tokenizer_dir, sample_dataset, run, "train.steps=300", "tracking.enabled=false"))
+    # The hang drill: rank 0 stalls 4 s in step 5; the watchdog (1.2 s) dumps every rank's stacks.
+    proc = launch(overrides(tokenizer_dir, sample_dataset, run, "train.steps=300", "tracking.enabled=false",
+                            "faults.watchdog_minutes=0.02", "faults.inject_hang_step=5", "faults.inject_hang_s=4"))
+    for rank in (0, 1):
+        dump = _waits_for_a_dump(log_paths(run, rank)[0], "Timeout (0:00:01", seconds=120)
+        assert "Thread 0x" in dump or "Current thread" in dump
+    assert "on_before_optimizer_step" in log_paths(run, 0)[0].read_text()  # rank 0's stack: in the drill
     wait_for_steps(run, 20, proc)
     assert main(["stacks", str(run)]) == 0
     said = capsys.readouterr().out
@@ -77,6 +83,16 @@ def test_two_rank_job_has_a_log_per_rank_and_stacks_on_demand(tmp_path: Path, to
     rank0, rank1 = (log_paths(run, r)[0].read_text() for r in (0, 1))
     assert "[train] run dir" in rank0 and "step    300/300" in rank0
     assert "==== rank 1 pid" in rank1 and "[train] run dir" not in rank1  # rank 1's own output only
+
+
+def test_without_the_drill_the_watchdog_writes_nothing(tmp_path: Path, tokenizer_dir: Path,
+                                                      sample_dataset: str) -> None:
+    from tests.conftest import tiny_train_argv
+
+    run = tmp_path / "run"
+    assert main(tiny_train_argv(tokenizer_dir, sample_dataset, run, "train.steps=20",
+                                "faults.watchdog_minutes=0.05")) == 0  # 3 s: each step takes far less
+    assert "Timeout" not in log_paths(run, 0)[0].read_text()
 
 
 def test_stacks_without_logs_says_what_to_give(tmp_path: Path, capsys) -> None:
