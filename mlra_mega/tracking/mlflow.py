@@ -39,7 +39,7 @@ from typing import Any
 
 from mlra_mega.config import RunConfig, flatten, public_dict
 from mlra_mega.credentials import MASK, mask, strip_masked
-from mlra_mega.train.callbacks import Callback
+from mlra_mega.train.callbacks import CONFIG_CHANGES, Callback
 
 __all__ = ["BUFFER", "MLflowLogger", "check_tracking_store", "default_tracking_uri", "sync_run", "tracking_uri",
            "ui_command"]
@@ -304,6 +304,10 @@ class MLflowLogger(Callback):
             extra = dict(t.split("=", 1) for t in self.cfg.tracking.tags)
             if self.cfg.tracking.parent_run_id:  # a run started alone, resumed as a sweep's member
                 extra["mlflow.parentRunId"] = self.cfg.tracking.parent_run_id
+            changes = self.run_dir / CONFIG_CHANGES
+            if changes.is_file():  # params cannot be overwritten: settings changed on resume go in a tag
+                last = changes.read_text().strip().splitlines()[-1]
+                extra["config_changes"] = last[:5000]
             for k, v in extra.items():
                 client.set_tag(self.run_id, k, v)
             resumed = setup["resumed_at"]
@@ -439,7 +443,7 @@ class MLflowLogger(Callback):
                     self._write_buffer()
 
     def _log_artifacts(self) -> None:
-        for name in ("config.yaml", "deepspeed.json", "summary.json"):
+        for name in ("config.yaml", "deepspeed.json", "summary.json", CONFIG_CHANGES):
             path = self.run_dir / name
             if path.is_file():
                 self._client.log_artifact(self.run_id, str(path))

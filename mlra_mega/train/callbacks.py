@@ -15,7 +15,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from mlra_mega.train.trainer import StepMetrics, Trainer
 
-__all__ = ["Callback", "ConsoleLogger", "MetricsFile", "RunSummary"]
+__all__ = ["CONFIG_CHANGES", "Callback", "ConsoleLogger", "MetricsFile", "RunSummary"]
+
+# In the run directory: one record per resume that changed settings (written by train.run, sent
+# to MLflow as a tag and an artifact by the tracker).
+CONFIG_CHANGES = "config_changes.jsonl"
 
 
 class Callback:

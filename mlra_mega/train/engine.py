@@ -26,7 +26,7 @@ import torch.distributed as dist
 from mlra_mega.config import ConfigError, OptimConfig, RunConfig
 from mlra_mega.train.safe_load import make_engine_loads_safe
 
-__all__ = ["MegatronMPU", "deepspeed_config", "param_groups", "lr_factor", "build_engine",
+__all__ = ["MegatronMPU", "deepspeed_config", "param_groups", "lr_factor", "apply_schedule", "build_engine",
            "add_sequence_parallel_grad_hooks", "tensor_parallel_grad_norm", "global_grad_norm"]
 
 
@@ -105,6 +105,26 @@ def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
     if optim.schedule == "linear":
         return 1 - (1 - floor) * progress
     return 1.0
+
+
+def apply_schedule(engine: Any, optim: OptimConfig, total_steps: int, step: int) -> None:
+    """The optimizer's hyperparameters and the schedule's position as this config says at `step`
+    completed steps. A checkpoint restores the saved run's (its lr, betas, eps, weight decay and
+    the scheduler's base rates), so a resumed run whose config changed would follow neither
+    schedule; with an unchanged config this sets the very values the checkpoint held."""
+    scheduler = engine.lr_scheduler
+    groups = scheduler.optimizer.param_groups
+    factor = lr_factor(step, optim, total_steps)
+    for i, group in enumerate(groups):
+        group["initial_lr"] = optim.lr
+        group["lr"] = optim.lr * factor  # LambdaLR's own product: bit-for-bit the saved value
+        group["betas"] = tuple(optim.betas)
+        group["eps"] = optim.eps
+        if i == 0:  # param_groups(): the decayed matrices first, then the exempt ones
+            group["weight_decay"] = optim.weight_decay
+    scheduler.base_lrs = [optim.lr] * len(groups)
+    scheduler.last_epoch = step
+    scheduler._last_lr = [g["lr"] for g in groups]
 
 
 def add_sequence_parallel_grad_hooks(model: torch.nn.Module, tp_group: dist.ProcessGroup) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,12 +21,12 @@ import torch.distributed as dist
 import yaml
 
 from mlra_mega import distributed
-from mlra_mega.config import ConfigError, RunConfig, public_dict
+from mlra_mega.config import ConfigError, RunConfig, flatten, public_dict
 from mlra_mega.errors import MlraMegaError, PeerLost
 from mlra_mega.data.datasets import SampleOrder, TrainBatches, build_datasets
 from mlra_mega.data.tokenizer import check_vocab, load_tokenizer
 from mlra_mega.distributed import ParallelContext, launch_env
-from mlra_mega.train.callbacks import Callback, ConsoleLogger, MetricsFile, RunSummary
+from mlra_mega.train.callbacks import CONFIG_CHANGES, Callback, ConsoleLogger, MetricsFile, RunSummary
 from mlra_mega.train.rank_logs import HangDrill, RankLog, Watchdog
 from mlra_mega.train.run_lock import RunLock
 from mlra_mega.train.checkpoint import (Checkpointer, check_compatible, checkpoint_problem, find_checkpoint,
@@ -123,6 +124,29 @@ def _refuse_to_start_over(run_dir: Path) -> None:
                           "start afresh with --resume never and a new run.dir (or delete this one)")
 
 
+_NOT_SETTINGS = ("checkpoint.resume",)  # how this start was asked for, not a setting of the run
+
+
+def config_changes(saved: dict, cfg: RunConfig) -> dict[str, list]:
+    """{key: [checkpoint's value, this run's]} for every setting that differs (both masked)."""
+    old, new = flatten(saved), flatten(public_dict(cfg))
+    return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and k not in _NOT_SETTINGS}
+
+
+def _record_config_changes(cfg: RunConfig, sidecar: dict, run_dir: Path, log: Callable[[str], None]) -> None:
+    """One line in the log and one record in config_changes.jsonl per resume that changed settings
+    (MLflow params cannot be overwritten: the tracker tags the run with this file's last record)."""
+    changes = config_changes(sidecar["config"], cfg)
+    if not changes:
+        return
+    text = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+    log(f"[train] resumed at step {sidecar['step']} with changed settings: {text}; the schedule follows this "
+        "config from here")
+    with (run_dir / CONFIG_CHANGES).open("a") as f:
+        f.write(json.dumps({"step": sidecar["step"], "time": time.time(), "changes": changes}) + "\n")
+
+
 def _with_tokenizer_vocab(cfg: RunConfig):
     if cfg.data.tokenizer is None:
         raise ConfigError("data.tokenizer", "is not set", "give the tokenizer directory that made data.paths")
@@ -189,6 +213,8 @@ def _run(cfg: RunConfig, ctx: ParallelContext, engine, batches: TrainBatches, da
         log(f"[train] run dir {run_dir}; {ctx.world_size} processes = tensor {ctx.tp_size} x data {ctx.dp_size}, "
             f"ZeRO-{cfg.zero.stage}, {cfg.train.precision}"
             + (f"; resuming {ckpt.path} at step {sidecar['step']}" if ckpt else ""))
+        if ckpt is not None:
+            _record_config_changes(cfg, sidecar, run_dir, log)
         (run_dir / PREEMPTED).unlink(missing_ok=True)  # this job goes on from where that one stopped
     previous = install_handlers()
     try:

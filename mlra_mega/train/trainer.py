@@ -24,7 +24,7 @@ from mlra_mega.metrics.tev import TEVStats, compute_tev
 from mlra_mega.metrics.throughput import throughput
 from mlra_mega.model.build import flops_per_token
 from mlra_mega.train.callbacks import Callback
-from mlra_mega.train.engine import global_grad_norm, tensor_parallel_grad_norm
+from mlra_mega.train.engine import apply_schedule, global_grad_norm, tensor_parallel_grad_norm
 from mlra_mega.train.nonfinite import NonFiniteGuard, drill_from
 
 __all__ = ["StepMetrics", "Trainer", "embedding_tev"]
@@ -144,6 +144,8 @@ class Trainer:
 
         load_checkpoint(self.engine, checkpoint)
         self.step = int(sidecar["step"])
+        # The schedule is a function of this config and the step, whatever the checkpoint's was.
+        apply_schedule(self.engine, self.cfg.optim, self.cfg.train.steps, self.step)
         self.batches.load_state_dict({"consumed_samples": int(sidecar["consumed_samples"])})
         for cb in self.callbacks:
             state = sidecar["callbacks"].get(type(cb).__name__)
@@ -182,14 +184,16 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over the first `eval.iters` global batches of the validation split."""
+        """Mean loss over the first `eval.iters` global batches of the validation split (0: every
+        whole global batch of it, each sample once; a remainder smaller than a batch is left out)."""
         t = self.cfg.train
+        iters = self.cfg.eval.iters or max(1, len(self.valid_dataset) // t.global_batch_size)
         batches = TrainBatches(self.valid_dataset, SampleOrder(len(self.valid_dataset), 0),
                                global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
                                dp_rank=self.ctx.dp_rank, dp_size=self.ctx.dp_size)
         self.engine.eval()
         try:
-            losses = [self._loss(b) for _ in range(self.cfg.eval.iters) for b in batches.next_global_batch()]
+            losses = [self._loss(b) for _ in range(iters) for b in batches.next_global_batch()]
         finally:
             self.engine.train()
         loss = self._dp_mean(losses)
