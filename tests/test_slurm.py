@@ -30,14 +30,27 @@ pytestmark = pytest.mark.skipif(shutil.which("apt-get") is None and shutil.which
                                 reason="needs Slurm or apt-get to install it")
 
 
+def _running(name: str) -> bool:
+    pidfile = SLURM_DIR / f"{name}.pid"
+    try:
+        os.kill(int(pidfile.read_text().strip()), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 @pytest.fixture(scope="module")
-def cluster() -> dict[str, str]:
+def cluster():
+    """The local cluster; stopped again afterwards when this module started it (CI starts its own)."""
     env = dict(os.environ, MLRA_SLURM_DIR=str(SLURM_DIR))
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "slurm_local.sh"), "start"], env=env,
-                          capture_output=True, text=True, timeout=600)
+    was_up = all(_running(n) for n in ("munged", "slurmctld", "slurmd"))
+    script = str(REPO / "scripts" / "slurm_local.sh")
+    proc = subprocess.run(["bash", script, "start"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     os.environ["SLURM_CONF"] = str(SLURM_DIR / "slurm.conf")
-    return env
+    yield env
+    if not was_up:
+        subprocess.run(["bash", script, "stop"], env=env, capture_output=True, text=True, timeout=120)
 
 
 def submit(run_dir: Path, tokenizer_dir: Path, dataset: str, *extra: str, capsys) -> tuple[str, float]:

@@ -101,6 +101,7 @@ _WORKER_DTYPE: type = np.int32
 def _init_worker(tokenizer_path: str, dtype_name: str) -> None:
     global _WORKER_TOKENIZER, _WORKER_DTYPE
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's flag: terminate() must end us
     _WORKER_TOKENIZER = load_tokenizer(tokenizer_path)
     _WORKER_DTYPE = np.dtype(dtype_name).type
 
@@ -177,12 +178,21 @@ def preprocess(inputs: list[str | Path], tokenizer_path: str | Path, output_pref
     tokens = documents = 0
     pool = None
     builder = None
-    previous_term = signal.getsignal(signal.SIGTERM)
+    # SIGINT and SIGTERM only set a flag, checked between batches and before the renames: an
+    # exception raised from the handler can land where Python swallows it (an at-fork hook of the
+    # pool), and the run would then finish as if never interrupted.
+    stop: list[int] = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
-    def on_term(signum, frame):  # noqa: ANN001 - signal handler signature
-        raise KeyboardInterrupt
+    def on_signal(signum, frame):  # noqa: ANN001 - signal handler signature
+        stop.append(signum)
 
-    signal.signal(signal.SIGTERM, on_term)
+    def check_stop() -> None:
+        if stop:
+            raise KeyboardInterrupt
+
+    for s in previous:
+        signal.signal(s, on_signal)
     try:
         prefix.parent.mkdir(parents=True, exist_ok=True)
         builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
@@ -197,6 +207,7 @@ def preprocess(inputs: list[str | Path], tokenizer_path: str | Path, output_pref
             encoded = pool.imap(_encode_batch, batches)
         last_bytes = 0
         for flat, lengths in encoded:
+            check_stop()
             # One write per batch: each document is one sequence, so the batch goes in as its
             # sequences and the document boundaries are set, one per sequence, before finalize.
             builder.add_document(flat, lengths.tolist())
@@ -212,6 +223,7 @@ def preprocess(inputs: list[str | Path], tokenizer_path: str | Path, output_pref
             raise DataError(f"the inputs yield no tokens ({stats.documents} documents kept, skipped "
                             f"{dict(stats.skipped)}) (fix: check the --input files and --json-key)")
         builder.document_indices = list(range(len(builder.sequence_lengths) + 1))
+        check_stop()
         builder.finalize(str(tmp_idx))
         seconds = time.perf_counter() - start
         summary = PreprocessSummary(str(prefix), documents, tokens, stats.bytes_read, seconds,
@@ -223,6 +235,7 @@ def preprocess(inputs: list[str | Path], tokenizer_path: str | Path, output_pref
             "options": asdict(options), "summary": asdict(summary),
         }
         tmp_card.write_text(json.dumps(card, indent=2) + "\n")
+        check_stop()
         for tmp, final in zip(temps, finals):
             os.replace(tmp, final)
         return summary
@@ -235,4 +248,5 @@ def preprocess(inputs: list[str | Path], tokenizer_path: str | Path, output_pref
         raise
     finally:
         progress.close()
-        signal.signal(signal.SIGTERM, previous_term)
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -123,9 +123,12 @@ def test_interrupted_run_leaves_no_final_files(tmp_path: Path, corpus_docs: list
     while not any(".tmp-" in p.name for p in out.iterdir()):
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, "preprocess never started writing"
-        time.sleep(0.05)
-    time.sleep(0.3)
+        time.sleep(0.01)
+    # Stopped while it writes, so the signal finds it mid-way (never after it finished), whatever the load.
+    os.kill(proc.pid, signal.SIGSTOP)
+    assert proc.poll() is None and not [p for p in out.iterdir() if ".tmp-" not in p.name], "finished too soon"
     os.kill(proc.pid, sig)
+    os.kill(proc.pid, signal.SIGCONT)
     proc.wait(timeout=60)
     finals = [p.name for p in out.iterdir() if ".tmp-" not in p.name]
     assert finals == [], finals
