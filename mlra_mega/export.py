@@ -13,7 +13,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 
 from mlra_mega.config import ConfigError, ParallelConfig, RunConfig, from_dict
 

@@ -70,3 +70,30 @@ def test_lr_rule_takes_the_largest_rate_that_trains(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "paper_lr_rule.py"), str(tmp_path)],
                          capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "0.004", out.stderr
+
+
+def _bracket():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paper_lr_bracket", REPO / "scripts" / "paper_lr_bracket.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lr_bracket_goes_up_until_two_rates_past_the_best() -> None:
+    next_rate = _bracket().next_rate
+    loss = {5e-4: 6.3, 1e-3: 5.9, 2e-3: 5.7, 4e-3: 5.8, 8e-3: float("inf"), 1.6e-2: 5.0}
+    seen: dict[float, float] = {}
+    while (lr := next_rate(seen)) is not None:
+        seen[lr] = loss[lr]
+    assert sorted(seen) == [5e-4, 1e-3, 2e-3, 4e-3, 8e-3]  # best 2e-3, two past it (one diverged): done
+
+
+def test_lr_bracket_goes_down_when_the_start_is_already_too_high() -> None:
+    next_rate = _bracket().next_rate
+    loss = {1e-3: 6.0, 5e-4: 5.8, 2.5e-4: 5.7, 1.25e-4: 5.9, 6.25e-5: 6.1}
+    seen: dict[float, float] = {}
+    while (lr := next_rate(seen)) is not None:
+        seen[lr] = loss[lr]
+    assert sorted(seen) == [6.25e-5, 1.25e-4, 2.5e-4, 5e-4, 1e-3]
