@@ -198,6 +198,7 @@ class OptimConfig:
 
     lr: float = 3e-4
     min_lr: float = 0.0
+    min_lr_ratio: float | None = None  # the floor as a fraction of lr (replaces min_lr): 0.1 = cosine to 10%
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -214,6 +215,13 @@ class OptimConfig:
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"{prefix}.min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}",
                               "use a value between 0 and optim.lr")
+        if self.min_lr_ratio is not None:
+            if not 0 <= self.min_lr_ratio <= 1:
+                raise ConfigError(f"{prefix}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}",
+                                  "give the floor as a fraction of optim.lr, e.g. 0.1")
+            if self.min_lr:
+                raise ConfigError(f"{prefix}.min_lr_ratio", f"is set together with min_lr={self.min_lr}",
+                                  "set one of optim.min_lr and optim.min_lr_ratio")
         for i, b in enumerate(self.betas):
             if not 0 <= b < 1:
                 raise ConfigError(f"{prefix}.betas", f"beta{i + 1} must be in [0, 1), got {b}",

@@ -47,6 +47,13 @@ class SweepSpec:
     axes: dict[str, list[Any]]
     seeds: list[int]
     path: Path
+    # More grids of the same sweep, each with its own axes and seeds (the members are their union);
+    # `axes` and `seeds` above are the first.
+    more: list[tuple[dict[str, list[Any]], list[int]]] = field(default_factory=list)
+
+    @property
+    def grids(self) -> list[tuple[dict[str, list[Any]], list[int]]]:
+        return [(self.axes, self.seeds), *self.more]
 
 
 @dataclass
@@ -67,10 +74,10 @@ def load_spec(path: str | Path, seeds: int | None = None, overrides: list[str] |
     if not isinstance(data, dict):
         raise ConfigError("sweep", f"{path} holds a {type(data).__name__}, not a sweep spec",
                           "write name, base, overrides, axes and seeds as keys")
-    unknown = set(data) - {"name", "base", "overrides", "axes", "seeds"}
+    unknown = set(data) - {"name", "base", "overrides", "axes", "seeds", "grids"}
     if unknown:
         raise ConfigError(f"sweep.{sorted(unknown)[0]}", "is not a sweep spec key",
-                          "use name, base, overrides, axes, seeds")
+                          "use name, base, overrides, axes, seeds (or grids: a list of {axes, seeds})")
     name = data.get("name")
     if not isinstance(name, str) or not name or "/" in name:
         raise ConfigError("sweep.name", f"must be a non-empty name without '/', got {str(name)[:80]!r}",
@@ -78,17 +85,33 @@ def load_spec(path: str | Path, seeds: int | None = None, overrides: list[str] |
     base = (path.parent / data["base"]).resolve() if data.get("base") else None
     if base is not None and not base.is_file():
         raise ConfigError("sweep.base", f"{base} not found", "give the base config relative to the spec file")
-    axes = data.get("axes") or {}
-    if not isinstance(axes, dict) or not axes or any(not isinstance(v, list) or not v for v in axes.values()):
-        raise ConfigError("sweep.axes", f"must map each axis to a non-empty list, got {str(axes)[:200]}",
-                          "e.g. axes: {variant: [vanilla, mlra], model.num_layers: [4, 8]}")
-    raw_seeds = seeds if seeds is not None else data.get("seeds", 1)
-    seed_list = list(range(raw_seeds)) if isinstance(raw_seeds, int) else raw_seeds
-    if not seed_list or not all(isinstance(s, int) for s in seed_list):
-        raise ConfigError("sweep.seeds", f"must be a positive count or a list of integers, got {raw_seeds!r}",
-                          "e.g. seeds: 3, or seeds: [1, 2, 3]")
+    if "grids" in data:
+        if "axes" in data or not isinstance(data["grids"], list) or not data["grids"]:
+            raise ConfigError("sweep.grids", "must be a non-empty list of {axes, seeds}, and replaces axes",
+                              "write either axes (and seeds) or grids: [{axes: {...}, seeds: N}, ...]")
+        grids = []
+        for i, grid in enumerate(data["grids"]):
+            if not isinstance(grid, dict) or set(grid) - {"axes", "seeds"}:
+                raise ConfigError(f"sweep.grids[{i}]", "must hold axes and seeds only", "e.g. {axes: {...}, seeds: 2}")
+            grids.append(_grid(grid.get("axes"), seeds if seeds is not None else grid.get("seeds", data.get("seeds", 1)),
+                               f"sweep.grids[{i}]."))
+    else:
+        grids = [_grid(data.get("axes"), seeds if seeds is not None else data.get("seeds", 1), "sweep.")]
     overrides = [*(str(x) for x in data.get("overrides") or []), *overrides]
-    return SweepSpec(name, base, overrides, axes, seed_list, path)
+    (axes, seed_list), *more = grids
+    return SweepSpec(name, base, overrides, axes, seed_list, path, more)
+
+
+def _grid(axes: Any, raw_seeds: Any, prefix: str) -> tuple[dict[str, list[Any]], list[int]]:
+    axes = axes or {}
+    if not isinstance(axes, dict) or not axes or any(not isinstance(v, list) or not v for v in axes.values()):
+        raise ConfigError(f"{prefix}axes", f"must map each axis to a non-empty list, got {str(axes)[:200]}",
+                          "e.g. axes: {variant: [vanilla, mlra], model.num_layers: [4, 8]}")
+    seed_list = list(range(raw_seeds)) if isinstance(raw_seeds, int) and not isinstance(raw_seeds, bool) else raw_seeds
+    if not isinstance(seed_list, list) or not seed_list or not all(isinstance(s, int) for s in seed_list):
+        raise ConfigError(f"{prefix}seeds", f"must be a positive count or a list of integers, got {str(raw_seeds)[:80]!r}",
+                          "e.g. seeds: 3, or seeds: [1, 2, 3]")
+    return axes, seed_list
 
 
 def members(spec: SweepSpec) -> list[Member]:
@@ -96,9 +119,20 @@ def members(spec: SweepSpec) -> list[Member]:
     root_cfg = load_config(spec.base, spec.overrides)
     sweep_dir = Path(root_cfg.run.root) / root_cfg.tracking.experiment / spec.name
     out = []
-    keys = list(spec.axes)
-    for combo in itertools.product(*spec.axes.values()):
-        for seed in spec.seeds:
+    for axes, seeds in spec.grids:
+        out.extend(_grid_members(spec, axes, seeds, sweep_dir))
+    names = [m.name for m in out]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ConfigError("sweep.grids", f"two grids both make member {dup}", "make the grids disjoint")
+    return out
+
+
+def _grid_members(spec: SweepSpec, axes: dict[str, list[Any]], seeds: list[int], sweep_dir: Path) -> list[Member]:
+    out = []
+    keys = list(axes)
+    for combo in itertools.product(*axes.values()):
+        for seed in seeds:
             labels = dict(zip(keys, combo))
             name = "-".join(f"{_SHORT.get(k, k.rsplit('.', 1)[-1] + '_')}{v}" for k, v in labels.items()) + f"-s{seed}"
             overrides = [*spec.overrides, *(f"{k}={v}" for k, v in labels.items() if k != "variant"),

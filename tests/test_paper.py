@@ -19,9 +19,10 @@ PAPER = REPO / "configs" / "paper"
 
 
 @pytest.mark.parametrize("spec,count,depths", [("cpu-depth.yaml", 45, {4, 8, 16}), ("gpu-depth.yaml", 45, {12, 24, 48}),
-                                               ("cpu-lr-probe.yaml", 7, {4}), ("ci-depth.yaml", 4, {2, 4})])
+                                               ("cpu-lr-probe.yaml", 7, {4}), ("ci-depth.yaml", 4, {2, 4}),
+                                               ("cpu-study.yaml", 36, {4, 16})])
 def test_every_member_is_a_valid_config(spec: str, count: int, depths: set[int]) -> None:
-    grid = members(load_spec(PAPER / spec, overrides=["optim.lr=0.004"]))
+    grid = members(load_spec(PAPER / spec, overrides=[] if spec == "cpu-study.yaml" else ["optim.lr=0.004"]))
     assert len(grid) == count and {m.cfg.model.num_layers for m in grid} == depths
     assert len({m.cfg.run.dir for m in grid}) == count
 
@@ -97,3 +98,12 @@ def test_lr_bracket_goes_down_when_the_start_is_already_too_high() -> None:
     while (lr := next_rate(seen)) is not None:
         seen[lr] = loss[lr]
     assert sorted(seen) == [6.25e-5, 1.25e-4, 2.5e-4, 5e-4, 1e-3]
+
+
+def test_the_main_study_has_the_rates_and_seeds_of_its_design() -> None:
+    grid = members(load_spec(PAPER / "cpu-study.yaml"))
+    runs = {(m.labels["model.num_layers"], m.labels["variant"], m.labels["optim.lr"], m.labels["seed"]) for m in grid}
+    assert (16, "mlra", 4e-3, 1) in runs and (16, "embed_ln", 4e-3, 0) not in runs and (4, "vanilla", 1e-3, 1) not in runs
+    m = grid[0].cfg
+    assert (m.train.steps, m.optim.warmup_steps, m.optim.min_lr_ratio, m.eval.iters) == (400, 40, 0.1, 0)
+    assert m.train.global_batch_size // m.train.micro_batch_size >= 4  # the gradient variance needs 4

@@ -93,6 +93,28 @@ def test_bad_specs_name_the_field(bad: dict, field: str, tmp_path: Path) -> None
         load_spec(path)
 
 
+@pytest.mark.parametrize("grids,field", [([], "sweep.grids"), ([{"axes": {"variant": ["mlra"]}, "x": 1}], r"grids\[0\]"),
+                                         ([{"axes": {"variant": ["mlra"]}}, {"axes": {"variant": ["mlra"]}}], "two grids"),
+                                         ([{"axes": {}}], r"grids\[0\]\.axes")])
+def test_bad_grids_name_the_field(grids: list, field: str, tmp_path: Path) -> None:
+    from mlra_mega.sweep import load_spec, members
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"name": "s", "grids": grids}))
+    with pytest.raises(ConfigError, match=field):
+        members(load_spec(path))
+
+
+def test_grids_are_a_union_each_with_its_seeds(tmp_path: Path) -> None:
+    from mlra_mega.sweep import load_spec, members
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"name": "s", "grids": [{"axes": {"variant": ["vanilla", "mlra"]}, "seeds": 2},
+                                                           {"axes": {"variant": ["embed_ln"]}, "seeds": [7]}]}))
+    assert sorted(m.name for m in members(load_spec(path))) == ["embed_ln-s7", "mlra-s0", "mlra-s1", "vanilla-s0",
+                                                                 "vanilla-s1"]
+
+
 def test_variants_and_the_matched_init_control() -> None:
     model = load_config(None, ["model.hidden_size=256", "model.num_heads=4"]).model  # d_head = r = 64
     cfgs = {v: load_config(None, ["model.hidden_size=256", "model.num_heads=4", *variant_overrides(v, model)]).model

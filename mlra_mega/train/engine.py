@@ -98,7 +98,7 @@ def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
     """Multiplier of optim.lr for the optimizer step after `step` completed ones."""
     if optim.warmup_steps and step < optim.warmup_steps:
         return (step + 1) / optim.warmup_steps
-    floor = optim.min_lr / optim.lr
+    floor = optim.min_lr_ratio if optim.min_lr_ratio is not None else optim.min_lr / optim.lr
     progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
     if optim.schedule == "cosine":
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
