@@ -38,6 +38,7 @@ def test_bad_override_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
                    "(fix: use one of ['mha', 'mlra']; did you mean 'mlra'?)\n")
 
 
+@pytest.mark.slow
 def test_module_entry_point_exit_status_and_no_traceback() -> None:
     proc = subprocess.run([sys.executable, "-m", "mlra_mega", "quickstart", "model.hiden_size=3"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -54,6 +55,7 @@ def test_console_script_is_declared() -> None:
     assert script.value == "mlra_mega.cli:main"
 
 
+@pytest.mark.slow
 def test_quickstart_smoke_learns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["quickstart", "train.steps=40", "train.log_interval=10", f"run.root={tmp_path}"]) == 0
     out = capsys.readouterr().out

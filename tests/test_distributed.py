@@ -67,6 +67,7 @@ def layouts() -> list[tuple[int, int, int, int]]:
     return seen
 
 
+@pytest.mark.slow
 def test_layouts_at_world_2_and_4() -> None:
     w2 = dist_result(__name__, 2, "layouts")
     assert w2 == [[(1, 0, 2, 0), (2, 0, 1, 0), ("error", "parallel.tensor")],
@@ -95,6 +96,7 @@ def tp_dropout_streams() -> tuple[list[float], list[float]]:
     return tp, default
 
 
+@pytest.mark.slow
 def test_tp_ranks_get_distinct_model_parallel_streams() -> None:
     (tp0, d0), (tp1, d1) = dist_result(__name__, 2, "tp_dropout_streams")
     assert tp0 != tp1

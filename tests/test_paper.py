@@ -35,6 +35,7 @@ def test_cpu_and_gpu_profiles_keep_the_depth_ratios() -> None:
     assert (g.hidden_size, g.num_heads, g.seq_length) == (768, 12, 1024)
 
 
+@pytest.mark.slow
 def test_ci_sized_study_runs_and_reports(tmp_path: Path, tokenizer_dir: Path, sample_dataset: str) -> None:
     from mlra_mega.report import build_report
     from mlra_mega.sweep import run_sweep

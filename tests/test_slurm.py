@@ -26,8 +26,9 @@ REPO = Path(__file__).resolve().parent.parent
 STEPS = 300
 SLURM_DIR = Path(os.environ.get("MLRA_SLURM_DIR", "/tmp/mlra-slurm"))
 
-pytestmark = pytest.mark.skipif(shutil.which("apt-get") is None and shutil.which("slurmctld") is None,
-                                reason="needs Slurm or apt-get to install it")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("apt-get") is None and shutil.which("slurmctld") is None,
+                                 reason="needs Slurm or apt-get to install it")]
 
 
 def _running(name: str) -> bool:

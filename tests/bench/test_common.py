@@ -52,6 +52,7 @@ def _worker(tmp_path: Path, tokenizer_dir: Path, dataset: str, stage: int) -> di
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_per_rank_bytes_follow_the_zero_stage(tmp_path: Path, tokenizer_dir: Path, sample_dataset: str) -> None:
     """ZeRO-1 halves each rank's optimizer state at DP = 2 (DeepSpeed pads its flat partitions by
     a few elements) and adds its fp32 partition; ZeRO-3 halves the parameters themselves."""

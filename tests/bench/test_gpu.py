@@ -16,6 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_dry_run_checks_then_measures_both_models(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--dry-run", "--out", str(out),

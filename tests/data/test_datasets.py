@@ -159,6 +159,7 @@ def global_batches() -> dict[str, list[list[int]]]:
     return out
 
 
+@pytest.mark.slow
 def test_global_batches_do_not_depend_on_the_data_parallel_size(prefixes: list[str], tokenizer_dir: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     root = Path(prefixes[0]).parent

@@ -82,6 +82,7 @@ def sharded_tev() -> tuple[float, float, int, int]:
     return stats.mean, stats.std, stats.count, real_rows_here
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_sharded_matches_numpy(tp: int) -> None:
     per_rank = dist_result(__name__, tp, "sharded_tev")

@@ -82,6 +82,7 @@ def export_at_tp2() -> float:
         distributed.teardown(keep_process_group=True)
 
 
+@pytest.mark.slow
 def test_export_from_tp2_gathers_first() -> None:
     for err in dist_result(__name__, 2, "export_at_tp2"):
         assert err <= TOL

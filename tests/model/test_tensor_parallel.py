@@ -14,6 +14,8 @@ import pytest
 from tests.dist import dist_case, dist_result
 from tests.model.helpers import VARIANTS, tiny_cfg, variant_id
 
+pytestmark = pytest.mark.slow  # every test here launches processes
+
 TOL = 1e-5
 
 

@@ -159,6 +159,7 @@ def _cfg(tokenizer_dir: Path, dataset: str, run_dir: Path, *extra: str):
                        overrides(tokenizer_dir, dataset, run_dir, "eval.interval=100", "eval.iters=1", *extra))
 
 
+@pytest.mark.slow
 def test_outage_mid_run_loses_nothing_and_never_blocks_the_step_loop(
         server: Server, client_threads: list[str], tmp_path: Path, tokenizer_dir: Path, sample_dataset: str) -> None:
     from mlra_mega.train.run import train
@@ -180,6 +181,7 @@ def test_outage_mid_run_loses_nothing_and_never_blocks_the_step_loop(
           f"during it {during * 1e3:.1f} ms (the drill's 30 ms sleep not counted)")
 
 
+@pytest.mark.slow
 def test_server_down_at_the_end_leaves_a_buffer_that_sync_sends(
         server: Server, tmp_path: Path, tokenizer_dir: Path, sample_dataset: str,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -307,6 +309,7 @@ train(load_config(sys.argv[1], sys.argv[2:]), [Crash()], log=lambda s: None)
 """
 
 
+@pytest.mark.slow
 def test_steps_run_again_after_a_crash_are_tagged_and_end_with_the_resumed_values(
         tmp_path: Path, tokenizer_dir: Path, sample_dataset: str) -> None:
     from mlflow.tracking import MlflowClient

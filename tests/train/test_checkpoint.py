@@ -15,6 +15,8 @@ import torch
 from mlra_mega.config import ConfigError, load_config
 from mlra_mega.train.checkpoint import find_checkpoint, is_complete, read_sidecar
 
+pytestmark = pytest.mark.slow  # every test here launches processes
+
 REPO = Path(__file__).resolve().parents[2]
 TRAINING_KEYS = ("loss", "lr", "grad_norm", "tev_mean", "tev_std", "consumed_samples")  # not timings
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_length=32",

@@ -22,6 +22,8 @@ from mlra_mega.train.engine import deepspeed_config, lr_factor
 from mlra_mega.train.run import validate_layout
 from tests.dist import dist_case, dist_result
 
+pytestmark = pytest.mark.slow  # every test here launches processes
+
 REPO = Path(__file__).resolve().parents[2]
 CLIP = 0.05
 STEPS = 8

@@ -17,6 +17,8 @@ from mlra_mega.train.checkpoint import model_shard
 from mlra_mega.train.nonfinite import NanDrill, drill_from
 from tests.dist import dist_case, dist_result
 
+pytestmark = pytest.mark.slow  # every test here launches processes
+
 STAGES = {"zero0": ["zero.stage=0"], "zero1": ["zero.stage=1"], "zero2": ["zero.stage=2"],
           "zero3": ["zero.stage=3"], "zero1_bf16": ["zero.stage=1", "train.precision=bf16"]}
 BASE = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_length=32",

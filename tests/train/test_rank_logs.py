@@ -63,6 +63,7 @@ def test_watchdog_dumps_after_a_silent_stretch_and_rearms(tmp_path: Path) -> Non
     assert "test_watchdog_dumps_after_a_silent_stretch_and_rearms" in text
 
 
+@pytest.mark.slow
 def test_two_rank_job_has_a_log_per_rank_and_stacks_on_demand(tmp_path: Path, tokenizer_dir: Path,
                                                               sample_dataset: str, capsys) -> None:
     run = tmp_path / "run"

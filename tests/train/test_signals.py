@@ -23,6 +23,8 @@ from mlra_mega.train.signals import PREEMPTED, Preempted, PreemptionGuard, insta
 from tests.dist import dist_case, dist_result
 from tests.train.test_checkpoint import overrides, steps
 
+pytestmark = pytest.mark.slow  # every test here launches processes
+
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 300
 KEYS = ("loss", "lr", "grad_norm", "consumed_samples")

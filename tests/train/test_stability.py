@@ -16,6 +16,8 @@ from mlra_mega.config import ConfigError, load_config
 from mlra_mega.train.callbacks import Callback
 from tests.dist import dist_case, dist_result
 
+pytestmark = pytest.mark.slow  # every test here launches processes
+
 BASE = ["model.num_layers=3", "model.hidden_size=64", "model.num_heads=4", "model.seq_length=32",
         "model.attention=mlra", "train.steps=4", "train.global_batch_size=8", "train.micro_batch_size=2",
         "optim.lr=1e-3", "eval.interval=0", "tracking.enabled=false", "diagnostics.interval=2"]
