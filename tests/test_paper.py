@@ -108,3 +108,24 @@ def test_the_main_study_has_the_rates_and_seeds_of_its_design() -> None:
     m = grid[0].cfg
     assert (m.train.steps, m.optim.warmup_steps, m.optim.min_lr_ratio, m.eval.iters) == (400, 40, 0.1, 0)
     assert m.train.global_batch_size // m.train.micro_batch_size >= 4  # the gradient variance needs 4
+
+
+@pytest.mark.slow
+def test_gpu_signal_dry_run_writes_each_run_and_resumes(tmp_path: Path, tokenizer_dir: Path, sample_dataset: str,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("signal", REPO / "scripts" / "paper_depth_gpu_signal.py")
+    signal = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(signal)
+    args = ["--dry-run", "--out", str(tmp_path), "--tokenizer", str(tokenizer_dir), "--data", sample_dataset]
+    start = time.time()
+    assert signal.main(args) == 0
+    results = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(results) == 16 and {r["depth"] for r in results} == {1, 2}
+    assert all(r["steps"] == 3 and r["val_ppl"] > 1 for r in results)
+    out = capsys.readouterr().out
+    assert "| 2 | 0.001 |" in out and "mlra / vanilla" in out
+    print(f"\n[paper] GPU signal dry run: 16 runs in {time.time() - start:.1f}s")
+    assert signal.main(args) == 0  # a rerun skips every finished run
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 16
