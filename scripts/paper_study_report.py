@@ -1,0 +1,48 @@
+"""The depth study's tables (A)-(E) from its sweep's run directories (mlra_mega/study.py).
+
+    python scripts/paper_study_report.py [runs/paper-depth-cpu-v2/cpu-study] [--out FILE.md]
+
+Prints the Markdown (or writes it to --out), with the learning-rate bracket it was run at. Runs
+that have not reached their last step are left out and counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mlra_mega.study import load_runs, study_tables
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", nargs="?", default=str(REPO / "runs" / "paper-depth-cpu-v2" / "cpu-study"))
+    parser.add_argument("--bracket", default=str(REPO / "docs" / "results" / "paper-depth-cpu" / "lr-bracket.json"))
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    sweep = Path(args.sweep_dir)
+    if not sweep.is_dir():
+        print(f"error: {sweep} is not a sweep directory (run the sweep first)", file=sys.stderr)
+        return 2
+    runs = load_runs(sweep)
+    started = sum(1 for p in sweep.iterdir() if (p / "metrics.jsonl").is_file())
+    lines = [f"{len(runs)} finished runs of {sweep} ({started - len(runs)} unfinished left out)."]
+    if Path(args.bracket).is_file():
+        b = json.loads(Path(args.bracket).read_text())
+        lines.append(f"Rates from the bracket ({b['steps']}-step probes at depth {b['depth']}): "
+                     f"lr* = {b['lr_star']:g}, lr_mlra = {b['lr_mlra']:g}.")
+    text = "\n".join([*lines, "", *study_tables(runs), ""]) if runs else "\n".join(lines) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
