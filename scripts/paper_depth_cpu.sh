@@ -1,7 +1,8 @@
 #!/bin/bash
-# The paper's depth study on CPU, end to end: corpus (python3.11-doc), tokenizer, dataset, the LR
-# probe and its rule, the 45-run sweep, the report. Resumable: finished steps are skipped.
-#   bash scripts/paper_depth_cpu.sh        (from the repository root; about an hour on 2 cores)
+# The paper's depth study on CPU, end to end: corpus (python3.11-doc), tokenizer, dataset, the
+# learning-rate bracket, the 36-run sweep, the tables. Resumable: finished steps and runs are
+# skipped, so it may be run in several parts (about 3.5 hours on 2 cores in all).
+#   bash scripts/paper_depth_cpu.sh        (from the repository root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=runs/paper-data
@@ -12,9 +13,15 @@ start=$(date +%s)
   --output $DATA/tokenizer
 [ -f $DATA/docs.idx ] || mlra-mega preprocess --input $DATA/docs.jsonl --tokenizer $DATA/tokenizer \
   --output-prefix $DATA/docs --workers 2
-mlra-mega sweep configs/paper/cpu-lr-probe.yaml
-LR=$(python3 scripts/paper_lr_rule.py runs/paper-depth-cpu/lr-probe)
-echo "[study] learning rate by the rule: $LR"
-mlra-mega sweep configs/paper/cpu-depth.yaml "optim.lr=$LR"
-mlra-mega report cpu-depth --tracking-uri "sqlite:///$PWD/runs/mlflow.db" --out docs/results/paper-depth-cpu
+python3 scripts/paper_lr_bracket.py --out runs/paper-depth-cpu/lr-bracket
+# The sweep's rates were written into cpu-study.yaml from the committed bracket: check they still agree.
+python3 - <<'PY'
+import json, sys
+b = json.load(open("runs/paper-depth-cpu/lr-bracket/bracket.json"))
+if (b["lr_star"], b["lr_mlra"]) != (1e-3, 2e-3):
+    sys.exit(f"error: the bracket now gives lr* = {b['lr_star']:g}, lr_mlra = {b['lr_mlra']:g}; "
+             "configs/paper/cpu-study.yaml was written for 1e-3 / 2e-3: update its rates")
+PY
+mlra-mega sweep configs/paper/cpu-study.yaml
+python3 scripts/paper_study_report.py runs/paper-depth-cpu-v2/cpu-study --out docs/results/paper-depth-cpu/tables.md
 echo "[study] wall time $(( $(date +%s) - start )) s"
