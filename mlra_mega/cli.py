@@ -8,6 +8,7 @@ pipeline), `config` (load, validate and print a resolved configuration).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -295,8 +296,13 @@ def one_line(message: str) -> str:
     return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + " [...]"
 
 
+_DASHED_OVERRIDE = re.compile(r"--([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+=.*)", re.S)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    # `--train.steps=3` is the override `train.steps=3` (options of our own have no dot).
+    argv = [m.group(1) if (m := _DASHED_OVERRIDE.fullmatch(x)) else x for x in (sys.argv[1:] if argv is None else argv)]
     args, extra = parser.parse_known_args(argv)
     # Dotted overrides may come after options (`submit cfg.yaml --nodes 2 train.steps=10`).
     if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):

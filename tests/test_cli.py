@@ -85,3 +85,13 @@ def _losses(line: str) -> tuple[float, float]:
     final = float(line.split("final loss ")[1].split()[0])
     first = float(line.split("(first ")[1].split(")")[0])
     return final, first
+
+
+def test_dashed_overrides_work_like_dotted_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    assert main(["config", str(REPO / "configs" / "quickstart.yaml"), "--train.steps=3", "--model.mlra.rank=8"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["steps"] == 3 and printed["model"]["mlra"]["rank"] == 8
+    assert main(["config", "--train.stepz=3"]) == 2
+    assert "did you mean 'train.steps'" in capsys.readouterr().err
