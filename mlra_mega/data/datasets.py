@@ -33,19 +33,8 @@ from mlra_mega.data.preprocess import dataset_card_path
 from mlra_mega.data.tokenizer import Tokenizer
 from mlra_mega.errors import ConfigError, DataError
 
-__all__ = ["MegatronTokenizerAdapter", "Datasets", "SampleOrder", "TrainBatches", "build_datasets",
+__all__ = ["Datasets", "SampleOrder", "TrainBatches", "build_datasets",
            "check_dataset_cards", "default_cache_dir", "collate"]
-
-
-class MegatronTokenizerAdapter:
-    """What megatron-core's GPTDataset reads of a tokenizer: vocab size, eod and an identity."""
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.vocab_size = tokenizer.vocab_size
-        self.eod = tokenizer.eod
-        self.eos = tokenizer.eod
-        # Part of megatron's index-cache key: a different tokenizer never reuses a cache.
-        self.unique_identifiers = {"class": "mlra_mega.sentencepiece", "model_sha256": tokenizer.card.model_sha256}
 
 
 def default_cache_dir() -> Path:

@@ -30,7 +30,7 @@ import numpy as np
 from mlra_mega.data.documents import ReadOptions, ReadStats, iter_documents
 from mlra_mega.errors import ConfigError, DataError
 
-__all__ = ["TokenizerCard", "Tokenizer", "train_tokenizer", "load_tokenizer", "file_sha256",
+__all__ = ["TokenizerCard", "Tokenizer", "MegatronTokenizerAdapter", "train_tokenizer", "load_tokenizer", "file_sha256",
            "MODEL_FILE", "CARD_FILE", "split_long_line", "check_vocab"]
 
 MODEL_FILE = "tokenizer.model"
@@ -262,11 +262,20 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
 
-    def megatron(self):
+    def megatron(self) -> MegatronTokenizerAdapter:
         """The adapter megatron-core's GPTDataset expects (vocab size, eod, pad)."""
-        from mlra_mega.data.datasets import MegatronTokenizerAdapter
-
         return MegatronTokenizerAdapter(self)
+
+
+class MegatronTokenizerAdapter:
+    """What megatron-core's GPTDataset reads of a tokenizer: vocab size, eod and an identity."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.vocab_size = tokenizer.vocab_size
+        self.eod = tokenizer.eod
+        self.eos = tokenizer.eod
+        # Part of megatron's index-cache key: a different tokenizer never reuses a cache.
+        self.unique_identifiers = {"class": "mlra_mega.sentencepiece", "model_sha256": tokenizer.card.model_sha256}
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["TEVStats", "compute_tev", "row_tev"]
+__all__ = ["TEVStats", "compute_tev", "embedding_tev", "row_tev"]
 
 
 @dataclass(frozen=True)
@@ -79,3 +79,14 @@ def compute_tev(weight: torch.Tensor, vocab_size: int, group: dist.ProcessGroup 
     mean = total / count
     var = max(total_sq / count - mean * mean, 0.0)
     return TEVStats(mean=mean, std=var**0.5, count=int(count))
+
+
+def embedding_tev(model: torch.nn.Module, vocab_size: int, tp_group: dist.ProcessGroup | None) -> TEVStats:
+    """TEV of the input embedding, its rows gathered first where ZeRO-3 has partitioned them."""
+    weight = model.embedding.word_embeddings.weight
+    if hasattr(weight, "ds_id"):  # a ZeRO-3 partitioned parameter
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+            return compute_tev(weight, vocab_size, tp_group)
+    return compute_tev(weight, vocab_size, tp_group)

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mlra_mega.distributed import silent_ranks
+from mlra_mega.train import rank_logs
 from mlra_mega.train.callbacks import Callback
 
 __all__ = ["PREEMPTED", "Preempted", "PreemptionGuard", "install_handlers", "received"]
@@ -92,16 +94,12 @@ class PreemptionGuard(Callback):
     def _give_up(self, step: int, signal_name: str | None, exc: BaseException) -> None:
         """Leaves without a checkpoint: an in-flight collective with a dead peer cannot be
         cleaned up, so this process exits at once (metrics.jsonl is already on disk)."""
-        from mlra_mega.distributed import silent_ranks
-
         silent = silent_ranks()
         who = f"rank(s) {', '.join(map(str, silent))} did not answer" if silent else "another rank did not answer"
         print(f"mlra-mega: error: rank {dist.get_rank()}: {signal_name} after step {step}, but {who} within "
               f"faults.peer_timeout_s={self.peer_timeout_s:g}s ({str(exc).splitlines()[0][:200]}); exiting without "
               "a checkpoint: the restart resumes from the last complete one", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        from mlra_mega.train import rank_logs
-
         if rank_logs.current() is not None:
             rank_logs.current().close()  # os._exit skips every finally: hand the log its last lines now
         os._exit(1)

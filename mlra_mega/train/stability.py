@@ -28,6 +28,7 @@ import torch.distributed as dist
 from mlra_mega.config import RunConfig
 from mlra_mega.metrics.stability import (SpikeDetector, grad_variance, group_of, moments, norms_by_group, spearman,
                                          sum_of_squares, variance_from_moments)
+from mlra_mega.metrics.tev import embedding_tev
 from mlra_mega.train.callbacks import Callback
 
 __all__ = ["GradVariance", "LayerNorms", "ResidualProbe", "SpikeMonitor", "stability_callbacks"]
@@ -218,8 +219,6 @@ class GradVariance(Callback):
         self._micro.zero_()
 
     def on_step_end(self, trainer: Any, metrics: Any) -> None:
-        from mlra_mega.train.trainer import embedding_tev
-
         if metrics.step % self.interval == 0 and self._values:
             metrics.extra.update(self._values)
             tev = metrics.tev_mean

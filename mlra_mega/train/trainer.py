@@ -20,14 +20,17 @@ import torch.distributed as dist
 from mlra_mega.config import RunConfig
 from mlra_mega.data.datasets import SampleOrder, TrainBatches
 from mlra_mega.distributed import ParallelContext
-from mlra_mega.metrics.tev import TEVStats, compute_tev
+from mlra_mega.metrics.tev import embedding_tev
 from mlra_mega.metrics.throughput import throughput
 from mlra_mega.model.build import flops_per_token
+from mlra_mega.errors import MlraMegaError
 from mlra_mega.train.callbacks import Callback
+from mlra_mega.train.checkpoint import find_checkpoint, load_checkpoint, read_sidecar
 from mlra_mega.train.engine import apply_schedule, global_grad_norm, tensor_parallel_grad_norm
 from mlra_mega.train.nonfinite import NonFiniteGuard, drill_from
+from mlra_mega.train.signals import Preempted
 
-__all__ = ["StepMetrics", "Trainer", "embedding_tev"]
+__all__ = ["StepMetrics", "Trainer"]
 
 
 @dataclass(frozen=True)
@@ -52,17 +55,6 @@ class StepMetrics:
         out = {k: v for k, v in asdict(self).items() if v is not None and k != "extra"}
         out.update(self.extra)
         return out
-
-
-def embedding_tev(model: torch.nn.Module, vocab_size: int, tp_group: dist.ProcessGroup | None) -> TEVStats:
-    """TEV of the input embedding, its rows gathered first where ZeRO-3 has partitioned them."""
-    weight = model.embedding.word_embeddings.weight
-    if hasattr(weight, "ds_id"):  # a ZeRO-3 partitioned parameter
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
-            return compute_tev(weight, vocab_size, tp_group)
-    return compute_tev(weight, vocab_size, tp_group)
 
 
 class Trainer:
@@ -140,8 +132,6 @@ class Trainer:
 
     def restore(self, checkpoint: Any, sidecar: dict[str, Any], keep: Sequence[Callback] = ()) -> None:
         """Engine state, RNG, step, data position and callback states (but `keep`'s) from a checkpoint."""
-        from mlra_mega.train.checkpoint import load_checkpoint
-
         load_checkpoint(self.engine, checkpoint)
         self.step = int(sidecar["step"])
         # The schedule is a function of this config and the step, whatever the checkpoint's was.
@@ -155,9 +145,6 @@ class Trainer:
     def roll_back(self) -> None:
         """Back to the newest complete checkpoint after persistent non-finite steps; the data
         position stays where it is, so the batches since then are not seen again."""
-        from mlra_mega.errors import MlraMegaError
-        from mlra_mega.train.checkpoint import find_checkpoint, read_sidecar
-
         bad = self.step
         found = None
         if self.run_dir is not None:
@@ -201,8 +188,6 @@ class Trainer:
 
     def fit(self) -> list[StepMetrics]:
         """Steps to `train.stop_at` or `train.steps`, or until a preemption stops the run."""
-        from mlra_mega.train.signals import Preempted
-
         history = []
         self.preempted: Preempted | None = None
         for cb in self.callbacks:
