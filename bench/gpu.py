@@ -61,7 +61,7 @@ def run_model(attention: str, precision: str, steps: int, tev_reps: int, dry_run
     from mlra_mega.model.specs import core_attention_class
     from mlra_mega.train.callbacks import Callback
     from mlra_mega.train.run import train
-    from mlra_mega.train.trainer import embedding_tev
+    from mlra_mega.metrics.tev import embedding_tev
 
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)

@@ -86,7 +86,7 @@ def main() -> int:
     from mlra_mega.model.build import count_parameters
     from mlra_mega.train.callbacks import Callback
     from mlra_mega.train.run import train
-    from mlra_mega.train.trainer import embedding_tev
+    from mlra_mega.metrics.tev import embedding_tev
 
     clock, out = StepClock(), {}
     base_rss = _rss_bytes()
