@@ -30,6 +30,15 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
     from mlra_mega.config import load_config, public_dict
 
+    if args.keys:
+        from mlra_mega.config import describe_keys
+
+        rows = [(key, kind, "null" if default is None else str(list(default) if isinstance(default, tuple) else default),
+                 text) for key, kind, default, text in describe_keys()]
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        for row in rows:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])
+        return 0
     path, overrides = args.config, list(args.overrides)
     if path is not None and "=" in path and not _exists(path):
         path, overrides = None, [path, *overrides]  # `mlra-mega config a.b=1`: no file given
@@ -177,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="load, validate and print a resolved configuration")
     p.add_argument("config", nargs="?", default=None, help="YAML file (default: built-in defaults)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.add_argument("--keys", action="store_true", help="list every key with its type, default and help")
     p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("train", help="train a model from a YAML config (one process, or N under torchrun / "

@@ -50,9 +50,16 @@ __all__ = [
     "flatten",
     "read_yaml_document",
     "check_path_component",
+    "describe_keys",
+    "option",
 ]
 
 MLRA_PROJECTIONS = ("q", "k", "v", "o")
+
+
+def option(default: Any, help: str) -> Any:
+    """A field with a default and its one-line help (listed by `mlra-mega config --keys`)."""
+    return field(default=default, metadata={"help": help})
 
 
 # --------------------------------------------------------------------------- sections
@@ -62,8 +69,9 @@ MLRA_PROJECTIONS = ("q", "k", "v", "o")
 class MLRAConfig:
     """Multi-head Low-Rank Attention: W_h = A_h B_h for each factorized projection."""
 
-    rank: int | None = None  # None: d_head
-    factorize: list[str] = field(default_factory=lambda: ["q", "k", "v"])
+    rank: int | None = option(None, "rank r of each head's factors (null: d_head)")
+    factorize: list[str] = field(default_factory=lambda: ["q", "k", "v"], metadata={
+        "help": "projections factored per head as A_h B_h: a subset of q, k, v, o"})
 
     def validate(self, prefix: str = "model.mlra") -> None:
         if self.rank is not None and self.rank < 1:
@@ -85,26 +93,28 @@ class MLRAConfig:
 class ModelConfig:
     """GPT-2 style Pre-LN decoder; `attention` and `embedding` pick the paper's variant."""
 
-    num_layers: int = 12
-    hidden_size: int = 768
-    num_heads: int = 12
-    ffn_hidden_size: int | None = None  # None: 4 * hidden_size
-    vocab_size: int | None = None  # None: taken from the tokenizer card
-    vocab_multiple: int = 128
-    seq_length: int = 1024
-    max_position_embeddings: int | None = None  # None: seq_length
-    attention: Literal["mha", "mlra"] = "mha"
-    embedding: Literal["vanilla", "scaled", "layernorm"] = "vanilla"
-    mlra: MLRAConfig = field(default_factory=MLRAConfig)
-    init_std: float = 0.02
-    qkv_init_std: float | None = None  # None: init_std
-    scale_residual_init: bool = True  # output projections of residual branches * 1/sqrt(2L)
-    tie_embeddings: bool = True
-    layernorm_eps: float = 1e-5
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    attention_backend: Literal["auto", "local", "sdpa", "te"] = "auto"
-    fusions: Literal["auto", "off"] = "auto"
+    num_layers: int = option(12, "transformer layers")
+    hidden_size: int = option(768, "model width d")
+    num_heads: int = option(12, "attention heads (divide hidden_size, and divide over parallel.tensor)")
+    ffn_hidden_size: int | None = option(None, "MLP width (null: 4 * hidden_size)")
+    vocab_size: int | None = option(None, "vocabulary size (null: the tokenizer card's)")
+    vocab_multiple: int = option(128, "the vocabulary is padded to a multiple of this (independent of TP)")
+    seq_length: int = option(1024, "tokens per training sample")
+    max_position_embeddings: int | None = option(None, "learned positions (null: seq_length)")
+    attention: Literal["mha", "mlra"] = option("mha", "mha (standard) or mlra (multi-head low-rank)")
+    embedding: Literal["vanilla", "scaled", "layernorm"] = option(
+        "vanilla", "vanilla, scaled (x sqrt(d), Scaled Embed) or layernorm (Embed LN)")
+    mlra: MLRAConfig = field(default_factory=MLRAConfig, metadata={"help": "MLRA's rank and factored projections"})
+    init_std: float = option(0.02, "normal init std of every weight matrix")
+    qkv_init_std: float | None = option(None, "init std of Q, K, V (null: init_std)")
+    scale_residual_init: bool = option(True, "output projections of residual branches * 1/sqrt(2L)")
+    tie_embeddings: bool = option(True, "share the input embedding with the output head")
+    layernorm_eps: float = option(1e-5, "LayerNorm epsilon")
+    hidden_dropout: float = option(0.0, "dropout on the residual branches")
+    attention_dropout: float = option(0.0, "dropout on the attention probabilities")
+    attention_backend: Literal["auto", "local", "sdpa", "te"] = option(
+        "auto", "auto, local (megatron's), sdpa (torch) or te (Transformer Engine)")
+    fusions: Literal["auto", "off"] = option("auto", "auto: megatron's fused kernels where available; off: none")
 
     @property
     def head_dim(self) -> int:
@@ -164,12 +174,13 @@ class ModelConfig:
 class ParallelConfig:
     """Tensor parallelism inside a node; data parallelism is world size / tensor."""
 
-    tensor: int = 1
-    sequence_parallel: bool = False
-    pipeline: int = 1  # pipeline parallelism is not supported yet; kept so the refusal is clear
+    tensor: int = option(1, "tensor-parallel size (data parallelism is world size / this)")
+    sequence_parallel: bool = option(False, "shard norms and dropout over the sequence (needs tensor >= 2)")
+    pipeline: int = option(1, "pipeline parallelism is not supported yet; kept so the refusal is clear")
     # torch.distributed backend: auto = NCCL with GPUs, else gloo. gloo with GPUs keeps tensors on
     # the GPU and lets several ranks share one (NCCL refuses that): for tests on one GPU.
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    backend: Literal["auto", "nccl", "gloo"] = option(
+        "auto", "process-group backend: auto (NCCL with GPUs, else gloo), nccl or gloo")
 
     def validate(self, prefix: str = "parallel") -> None:
         _require_positive(f"{prefix}.tensor", self.tensor)
@@ -183,8 +194,8 @@ class ParallelConfig:
 class ZeroConfig:
     """DeepSpeed ZeRO over the data-parallel group; `template` is a ds_configs/ JSON."""
 
-    stage: int = 1
-    template: str | None = None
+    stage: int = option(1, "DeepSpeed ZeRO stage 0-3 over the data-parallel group")
+    template: str | None = option(None, "a DeepSpeed JSON for fields not modelled here (ours win where both set one)")
 
     def validate(self, prefix: str = "zero") -> None:
         if self.stage not in (0, 1, 2, 3):
@@ -196,18 +207,19 @@ class ZeroConfig:
 class OptimConfig:
     """AdamW with warm-up and a decay schedule, gradient clipping by global norm."""
 
-    lr: float = 3e-4
-    min_lr: float = 0.0
-    min_lr_ratio: float | None = None  # the floor as a fraction of lr (replaces min_lr): 0.1 = cosine to 10%
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    clip_grad: float = 1.0  # 0: no clipping
-    warmup_steps: int = 0
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    lr: float = option(3e-4, "peak learning rate of AdamW")
+    min_lr: float = option(0.0, "the schedule's floor (absolute)")
+    min_lr_ratio: float | None = option(None, "the floor as a fraction of lr (replaces min_lr): 0.1 = cosine to 10%")
+    weight_decay: float = option(0.1, "AdamW weight decay on matrices (biases and norms are exempt)")
+    betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas")
+    eps: float = option(1e-8, "AdamW epsilon")
+    clip_grad: float = option(1.0, "0: no clipping")
+    warmup_steps: int = option(0, "linear warm-up steps")
+    schedule: Literal["cosine", "linear", "constant"] = option(
+        "cosine", "decay after warm-up: cosine, linear or constant")
     # torch's fused AdamW kernel (CUDA, and CPU): one kernel over all tensors, no DeepSpeed op built.
     # Off by default: on CPU it measured no faster here (bench/depth.py sizes) and rounds differently.
-    fused: bool = False
+    fused: bool = option(False, "torch's fused AdamW kernel (no DeepSpeed op built)")
 
     def validate(self, prefix: str = "optim") -> None:
         if not self.lr > 0:
@@ -238,15 +250,15 @@ class OptimConfig:
 class TrainConfig:
     """Length, batch sizes, seed and numerics of the run."""
 
-    steps: int = 100
-    global_batch_size: int = 8
-    micro_batch_size: int = 8
-    seed: int = 1234
-    precision: Literal["fp32", "bf16"] = "fp32"
-    activation_checkpointing: bool = False
-    log_interval: int = 1
-    stop_at: int | None = None  # stop after this step with a checkpoint, to continue later (chunked runs)
-    max_consecutive_skips: int = 0  # after this many non-finite steps in a row, roll back (0 = never)
+    steps: int = option(100, "optimizer steps of the run")
+    global_batch_size: int = option(8, "samples per optimizer step, over all data-parallel ranks")
+    micro_batch_size: int = option(8, "samples per forward/backward on one rank (the rest is accumulation)")
+    seed: int = option(1234, "seed of initialisation, dropout and (by default) the data order")
+    precision: Literal["fp32", "bf16"] = option("fp32", "fp32 or bf16")
+    activation_checkpointing: bool = option(False, "recompute every layer's activations in the backward")
+    log_interval: int = option(1, "print a step line every this many steps")
+    stop_at: int | None = option(None, "stop after this step with a checkpoint, to continue later (chunked runs)")
+    max_consecutive_skips: int = option(0, "after this many non-finite steps in a row, roll back (0 = never)")
 
     def validate(self, prefix: str = "train") -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "log_interval"):
@@ -268,12 +280,13 @@ class TrainConfig:
 class DataConfig:
     """Tokenizer and a blend of indexed datasets (prefixes made by `mlra-mega preprocess`)."""
 
-    tokenizer: str | None = None  # a directory made by `mlra-mega tokenizer train`
-    paths: list[str] = field(default_factory=list)
-    weights: list[float] | None = None  # None: in proportion to size
-    split: str = "98,1,1"  # train, valid, test weights over documents
-    seed: int | None = None  # None: train.seed
-    cache_dir: str | None = None  # megatron's index cache; None: ~/.cache/mlra_mega/index
+    tokenizer: str | None = option(None, "a directory made by `mlra-mega tokenizer train`")
+    paths: list[str] = field(
+        default_factory=list, metadata={"help": "dataset prefixes made by `mlra-mega preprocess` (a blend)"})
+    weights: list[float] | None = option(None, "blend weights, one per path (null: in proportion to size)")
+    split: str = option("98,1,1", "train, valid, test weights over documents")
+    seed: int | None = option(None, "seed of the data order (null: train.seed)")
+    cache_dir: str | None = option(None, "megatron's index cache; None: ~/.cache/mlra_mega/index")
 
     def validate(self, prefix: str = "data") -> None:
         if self.seed is not None:
@@ -291,8 +304,8 @@ class DataConfig:
 class MetricsConfig:
     """Per-step statistics: TEV every `tev_interval` steps (0 = off), MFU against a peak."""
 
-    tev_interval: int = 1
-    peak_tflops: float | None = None
+    tev_interval: int = option(1, "TEV every this many steps (0 = off)")
+    peak_tflops: float | None = option(None, "the accelerator's peak TFLOP/s, for MFU (null: no MFU)")
 
     def validate(self, prefix: str = "metrics") -> None:
         if self.tev_interval < 0:
@@ -307,13 +320,14 @@ class MetricsConfig:
 class DiagnosticsConfig:
     """Stability instruments, logged with the step's metrics (all off or cheap by default)."""
 
-    interval: int = 0  # per-layer gradient / parameter norms and residual variance every N steps (0 = off)
-    layers: list[int] | None = None  # transformer layers to report (None = all); embedding and head always
-    spike_window: int = 100  # loss spike score: z against the trailing N steps
-    spike_threshold: float = 6.0  # a spike is z above this
-    spike_min_history: int = 20  # steps in the window before scores start
-    tev_jump: float = 0.1  # alert when TEV mean moves by more than this fraction between measurements
-    grad_variance_interval: int = 0  # gradient variance across micro-batches every N steps (expensive; ZeRO 0/1)
+    interval: int = option(0, "per-layer gradient / parameter norms and residual variance every N steps (0 = off)")
+    layers: list[int] | None = option(None, "transformer layers to report (None = all); embedding and head always")
+    spike_window: int = option(100, "loss spike score: z against the trailing N steps")
+    spike_threshold: float = option(6.0, "a spike is z above this")
+    spike_min_history: int = option(20, "steps in the window before scores start")
+    tev_jump: float = option(0.1, "alert when TEV mean moves by more than this fraction between measurements")
+    grad_variance_interval: int = option(
+        0, "gradient variance across micro-batches every N steps (expensive; ZeRO 0/1)")
 
     def validate(self, prefix: str = "diagnostics") -> None:
         for name in ("interval", "grad_variance_interval"):
@@ -334,8 +348,8 @@ class DiagnosticsConfig:
 class EvalConfig:
     """Validation every `interval` steps (0 = off) over `iters` global batches (0 = the whole split)."""
 
-    interval: int = 0
-    iters: int = 10
+    interval: int = option(0, "validate every this many steps (0 = off)")
+    iters: int = option(10, "validation global batches (0 = the whole validation split)")
 
     def validate(self, prefix: str = "eval") -> None:
         if self.interval < 0:
@@ -349,10 +363,10 @@ class EvalConfig:
 class CheckpointConfig:
     """Checkpoint every `interval` steps (0 = only at the end), keeping the last `keep`."""
 
-    interval: int = 0
-    keep: int = 2
-    resume: str = "auto"  # auto: continue run.dir's newest complete checkpoint; never; or a path
-    sigterm_save_s: float = 20.0  # on SIGTERM, save only if the last save took at most this long
+    interval: int = option(0, "checkpoint every this many steps (0 = only at the end)")
+    keep: int = option(2, "complete checkpoints kept")
+    resume: str = option("auto", "auto: continue run.dir's newest complete checkpoint; never; or a path")
+    sigterm_save_s: float = option(20.0, "on SIGTERM, save only if the last save took at most this long")
 
     def validate(self, prefix: str = "checkpoint") -> None:
         if self.interval < 0:
@@ -370,15 +384,15 @@ class FaultsConfig:
     The drill can also come from the environment: MLRA_INJECT_NAN=STEP[:RANK[:COUNT]].
     """
 
-    inject_nan_step: int | None = None  # poison one rank's gradients from this step on (a drill)
-    inject_nan_rank: int = 0  # the global rank whose gradients are poisoned
-    inject_nan_count: int = 1  # how many steps in a row
-    watchdog_minutes: float = 30.0  # dump every rank's stacks after this long without a finished step; 0 = off
-    inject_hang_step: int | None = None  # a drill: this step stalls (one rank's) for inject_hang_s seconds
-    inject_hang_rank: int = 0
-    inject_hang_s: float = 60.0
-    peer_timeout_s: float = 60.0  # after a stop signal, how long to wait for the other ranks to agree
-    lock_stale_s: float = 300.0  # a run-directory lock not renewed for this long is taken over
+    inject_nan_step: int | None = option(None, "poison one rank's gradients from this step on (a drill)")
+    inject_nan_rank: int = option(0, "the global rank whose gradients are poisoned")
+    inject_nan_count: int = option(1, "how many steps in a row")
+    watchdog_minutes: float = option(30.0, "dump every rank's stacks after this long without a finished step; 0 = off")
+    inject_hang_step: int | None = option(None, "a drill: this step stalls (one rank's) for inject_hang_s seconds")
+    inject_hang_rank: int = option(0, "the global rank the hang drill stalls")
+    inject_hang_s: float = option(60.0, "how long the hang drill's step stalls")
+    peer_timeout_s: float = option(60.0, "after a stop signal, how long to wait for the other ranks to agree")
+    lock_stale_s: float = option(300.0, "a run-directory lock not renewed for this long is taken over")
 
     def validate(self, prefix: str = "faults") -> None:
         if self.inject_nan_step is not None:
@@ -410,13 +424,14 @@ class FaultsConfig:
 class TrackingConfig:
     """MLflow: the embedded store under the runs root unless `uri` names a server."""
 
-    enabled: bool = True
-    uri: str | None = None
-    experiment: str = "default"
-    final_flush_s: float = 60.0  # at the end, how long to wait for an unreachable server before leaving a buffer
-    send_interval_s: float = 2.0  # records are sent in one batch at most this often (each send costs CPU)
-    parent_run_id: str | None = None  # make this run a child of that MLflow run (sweeps set it)
-    tags: list[str] = field(default_factory=list)  # extra run tags, "key=value"
+    enabled: bool = option(True, "log to MLflow (false: no MLflow at all)")
+    uri: str | None = option(None, "tracking server or store (null: MLFLOW_TRACKING_URI, else the embedded store)")
+    experiment: str = option("default", "MLflow experiment, also the run directory's parent name")
+    final_flush_s: float = option(
+        60.0, "at the end, how long to wait for an unreachable server before leaving a buffer")
+    send_interval_s: float = option(2.0, "records are sent in one batch at most this often (each send costs CPU)")
+    parent_run_id: str | None = option(None, "make this run a child of that MLflow run (sweeps set it)")
+    tags: list[str] = field(default_factory=list, metadata={"help": "extra run tags, \"key=value\""})
 
     def validate(self, prefix: str = "tracking") -> None:
         check_path_component(f"{prefix}.experiment", self.experiment)
@@ -437,11 +452,11 @@ class TrackingConfig:
 class ProfileConfig:
     """A torch profiler trace of steps `start` .. `start + steps - 1` (start 0 = off)."""
 
-    start: int = 0
-    steps: int = 3
-    ranks: list[int] | None = field(default_factory=lambda: [0])  # None: every rank
-    record_shapes: bool = False
-    with_stack: bool = False  # Python stacks in the trace (slower, much bigger files)
+    start: int = option(0, "first profiled step (0 = no profile)")
+    steps: int = option(3, "profiled steps")
+    ranks: list[int] | None = field(default_factory=lambda: [0], metadata={"help": "None: every rank"})
+    record_shapes: bool = option(False, "record operator input shapes in the trace")
+    with_stack: bool = option(False, "Python stacks in the trace (slower, much bigger files)")
 
     def validate(self, prefix: str = "profile") -> None:
         if self.start < 0:
@@ -461,9 +476,9 @@ class ProfileConfig:
 class RunSection:
     """Where the run's files go: `dir`, or `<root>/<experiment>/<name>`."""
 
-    root: str = "runs"
-    name: str | None = None  # None: a timestamp
-    dir: str | None = None
+    root: str = option("runs", "root of run directories and of the embedded MLflow store")
+    name: str | None = option(None, "run directory name under <root>/<experiment> (null: a timestamp)")
+    dir: str | None = option(None, "this run's directory (null: <root>/<experiment>/<name>)")
 
     def validate(self, prefix: str = "run") -> None:
         if self.name is not None:
@@ -890,6 +905,30 @@ def _all_dotted_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
         else:
             keys.append(f"{prefix}{f.name}")
     return keys
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin in (list, tuple):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args if a is not Ellipsis)}]"
+    return getattr(hint, "__name__", str(hint))
+
+
+def describe_keys(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, help) of every key, in the order of the dataclasses."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.extend(describe_keys(hints[f.name], f"{prefix}{f.name}."))
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        out.append((f"{prefix}{f.name}", _type_name(hints[f.name]), default, f.metadata.get("help", "")))
+    return out
 
 
 def _closest_key_hint(key: str, siblings: list[str], prefix: str) -> str | None:

@@ -129,3 +129,17 @@ def test_file_errors(tmp_path: Path) -> None:
         load_config(write(tmp_path, "- 1\n- 2\n"))
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(write(tmp_path, "model:\n  hidden: 3\n"))
+
+
+def test_every_key_has_a_help_and_config_keys_lists_them(capsys: pytest.CaptureFixture[str]) -> None:
+    from mlra_mega.cli import main
+    from mlra_mega.config import _all_dotted_keys, describe_keys
+
+    described = describe_keys()
+    assert [k for k, *_ in described] == _all_dotted_keys()
+    assert all(text.strip() for *_, text in described), [k for k, *_, text in described if not text.strip()]
+    assert ("train.steps", "int", 100, "optimizer steps of the run") in described
+    assert main(["config", "--keys"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(described) and lines[0].startswith("model.num_layers")
+    assert any(line.startswith("model.attention ") and "mha|mlra" in line for line in lines)
