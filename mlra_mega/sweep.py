@@ -34,7 +34,7 @@ import yaml
 from mlra_mega.config import ConfigError, RunConfig, load_config, public_dict, read_yaml_document
 from mlra_mega.variants import variant_overrides
 
-__all__ = ["Member", "SweepSpec", "load_spec", "members", "run_sweep"]
+__all__ = ["set_aside_unresumable", "Member", "SweepSpec", "load_spec", "members", "run_sweep"]
 
 _SHORT = {"variant": "", "model.num_layers": "L", "model.hidden_size": "d", "optim.lr": "lr"}
 
@@ -145,6 +145,26 @@ def _grid_members(spec: SweepSpec, axes: dict[str, list[Any]], seeds: list[int],
     return out
 
 
+def set_aside_unresumable(run_dir: Path, lock_stale_s: float, log: Callable[[str], None]) -> Path | None:
+    """A member interrupted before its first checkpoint cannot resume, and a run directory is never
+    trained over: the sweep (which made the directory) keeps it as `<dir>.interrupted-N` and the
+    member starts again. A member some live job holds is left alone (its training refuses)."""
+    from mlra_mega.train.checkpoint import find_checkpoint
+    from mlra_mega.train.run_lock import RunLock
+
+    if not (run_dir / "metrics.jsonl").exists() or find_checkpoint(run_dir) is not None:
+        return None
+    lock = RunLock(run_dir, lock_stale_s, log=lambda s: None)
+    lock.acquire()  # a ConfigError naming the holder when a live job has it
+    lock.release()
+    n = 1
+    while (aside := run_dir.with_name(f"{run_dir.name}.interrupted-{n}")).exists():
+        n += 1
+    run_dir.rename(aside)
+    log(f"interrupted before its first checkpoint; kept as {aside.name}, starting it again")
+    return aside
+
+
 def finished(member: Member) -> bool:
     summary = Path(member.cfg.run.dir) / "summary.json"
     return summary.is_file() and json.loads(summary.read_text()).get("steps", 0) >= member.cfg.train.steps
@@ -204,6 +224,7 @@ def run_sweep(spec: SweepSpec, *, submit: Callable[[Path], str] | None = None,
             continue
         from mlra_mega.train.run import train
 
+        set_aside_unresumable(Path(member_cfg.run.dir), member_cfg.faults.lock_stale_s, lambda s: log(f"{head}: {s}"))
         log(f"{head}: {'resuming' if (Path(member_cfg.run.dir) / 'metrics.jsonl').exists() else 'starting'}")
         history, _ = train(member_cfg, log=log)
         outcomes.append((member.name, f"done at step {history[-1].step}" if history else "done"))

@@ -153,3 +153,16 @@ def test_seeds_option_replaces_the_specs_seeds(tmp_path: Path, tokenizer_dir: Pa
     assert [m.name for m in grid] == [f"{v}-L2-s{s}" for v in ("vanilla", "mlra") for s in range(3)]
     assert [m.cfg.train.seed for m in grid] == [0, 1, 2, 0, 1, 2]
     assert len({m.cfg.run.dir for m in grid}) == 6
+
+
+def test_a_member_interrupted_before_its_first_checkpoint_is_kept_aside(tmp_path: Path) -> None:
+    from mlra_mega.sweep import set_aside_unresumable
+
+    member = tmp_path / "vanilla-s0"
+    member.mkdir()
+    (member / "metrics.jsonl").write_text('{"step": 1, "loss": 6.0}\n')
+    notes: list[str] = []
+    aside = set_aside_unresumable(member, 60, notes.append)
+    assert aside == tmp_path / "vanilla-s0.interrupted-1" and (aside / "metrics.jsonl").is_file()
+    assert not member.exists() and "starting it again" in notes[0]
+    assert set_aside_unresumable(member, 60, notes.append) is None  # nothing there: nothing to do
