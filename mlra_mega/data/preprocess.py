@@ -15,12 +15,14 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from mlra_mega.data.documents import ReadOptions, ReadStats, input_bytes, iter_documents
 from mlra_mega.data.tokenizer import Tokenizer, load_tokenizer
@@ -142,10 +144,17 @@ def _clean_up(builder, pool, temps: list[Path]) -> None:  # noqa: ANN001 - megat
             builder.data_file.close()
         except OSError:
             pass
+    _remove(temps)  # first: nothing below may keep the temporaries on disk
     if pool is not None:
-        pool.terminate()
-        pool.join()
-    _remove(temps)
+        # terminate() can hang under load (workers blocked on pipes nobody reads): give it a while,
+        # then kill the workers, which unblocks it.
+        ender = threading.Thread(target=lambda: (pool.terminate(), pool.join()), daemon=True)
+        ender.start()
+        ender.join(timeout=20)
+        if ender.is_alive():
+            for child in psutil.Process().children(recursive=True):
+                child.kill()
+            ender.join(timeout=20)
 
 
 def preprocess(inputs: list[str | Path], tokenizer_path: str | Path, output_prefix: str | Path, *,

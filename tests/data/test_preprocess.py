@@ -129,7 +129,11 @@ def test_interrupted_run_leaves_no_final_files(tmp_path: Path, corpus_docs: list
     assert proc.poll() is None and not [p for p in out.iterdir() if ".tmp-" not in p.name], "finished too soon"
     os.kill(proc.pid, sig)
     os.kill(proc.pid, signal.SIGCONT)
-    proc.wait(timeout=60)
+    try:
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:  # a hang: fail without leaving the process behind
+            proc.kill()
     finals = [p.name for p in out.iterdir() if ".tmp-" not in p.name]
     assert finals == [], finals
     if sig != signal.SIGKILL:  # a catchable signal also cleans up its temporary files
