@@ -77,21 +77,21 @@ def run_model(attention: str, precision: str, steps: int, tev_reps: int, dry_run
             out["losses"].append(metrics.loss)
 
         def on_fit_end(self, trainer) -> None:
-            cfg = trainer.cfg
+            model_cfg, train_cfg = trainer.model_cfg, trainer.train_cfg
             for _ in range(tev_reps):
                 sync()
                 start = time.perf_counter()
-                embedding_tev(trainer.model, cfg.model.vocab_size, trainer.tp_group)
+                embedding_tev(trainer.model, model_cfg.vocab_size, trainer.ctx.tp_group)
                 sync()
                 out["tev_times_s"].append(time.perf_counter() - start)
             weight = trainer.model.embedding.word_embeddings.weight.detach()
-            got = compute_tev(weight, cfg.model.vocab_size)
-            rows = weight[:cfg.model.vocab_size].double().cpu().numpy().std(axis=1)
+            got = compute_tev(weight, model_cfg.vocab_size)
+            rows = weight[:model_cfg.vocab_size].double().cpu().numpy().std(axis=1)
             out["tev_check_rel"] = max(abs(got.mean - rows.mean()) / rows.mean(), abs(got.std - rows.std()) / rows.std())
-            out.update(parameters=count_parameters(cfg.model), flops_per_token=flops_per_token(cfg.model),
-                       tokens_per_step=cfg.train.global_batch_size * cfg.model.seq_length,
-                       peak_tflops=cfg.metrics.peak_tflops, attention_class=core_attention_class(cfg.model).__name__,
-                       fusions={k: v for k, v in fusion_flags(cfg.model).items() if v},
+            out.update(parameters=count_parameters(model_cfg), flops_per_token=flops_per_token(model_cfg),
+                       tokens_per_step=train_cfg.global_batch_size * model_cfg.seq_length,
+                       peak_tflops=trainer.metrics_cfg.peak_tflops, attention_class=core_attention_class(model_cfg).__name__,
+                       fusions={k: v for k, v in fusion_flags(model_cfg).items() if v},
                        max_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                        device=torch.cuda.get_device_name() if cuda else "cpu")
 

@@ -68,7 +68,7 @@ def saved_activation_bytes(trainer: Any) -> int:
 
     batch = trainer.batches.next_global_batch()[0]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = trainer._loss(batch)
+        loss = trainer.step_object.loss(batch)
     del loss
     return sum(seen.values())
 
@@ -104,13 +104,13 @@ def main() -> int:
                 if dist.is_initialized():
                     dist.barrier()
                 start = time.perf_counter()
-                embedding_tev(trainer.model, trainer.cfg.model.vocab_size, trainer.tp_group)
+                embedding_tev(trainer.model, trainer.model_cfg.vocab_size, trainer.ctx.tp_group)
                 tev.append(time.perf_counter() - start)
             ranks = [mine]
             if dist.is_initialized() and dist.get_world_size() > 1:
                 ranks = [None] * dist.get_world_size()
                 dist.all_gather_object(ranks, mine)
-            out.update(tev_times_s=tev, ranks=ranks, parameters=count_parameters(trainer.cfg.model),
+            out.update(tev_times_s=tev, ranks=ranks, parameters=count_parameters(trainer.model_cfg),
                        tokens_per_step=trainer.tokens_per_step)
 
     work = Path(tempfile.mkdtemp(prefix="bench-run-"))

@@ -15,6 +15,7 @@ import random
 import socket
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from mlra_mega import cpu
 from mlra_mega.config import ParallelConfig
 from mlra_mega.errors import ConfigError
 
-__all__ = ["ParallelContext", "LaunchEnv", "launch_env", "setup", "teardown", "seed_everything", "silent_ranks"]
+__all__ = ["ParallelContext", "DeepSpeedMPU", "LaunchEnv", "launch_env", "setup", "teardown", "seed_everything", "silent_ranks"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,11 @@ class LaunchEnv:
 
 @dataclass(frozen=True)
 class ParallelContext:
-    """This process's place in the TP x DP layout."""
+    """This process's place in the TP x DP layout, and the process groups of that layout.
+
+    Made once by `setup`; every component that needs a group or a rank takes it from here (the
+    rest of the package never asks megatron's `parallel_state`, which only the model build reads).
+    """
 
     rank: int
     world_size: int
@@ -50,10 +55,38 @@ class ParallelContext:
     dp_rank: int
     device: torch.device
     backend: str
+    tp_group: Any = None  # torch.distributed.ProcessGroup of this rank's tensor-parallel peers
+    dp_group: Any = None  # ... and of its data-parallel peers (ZeRO shards over this one)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+class DeepSpeedMPU:
+    """The layout in the shape DeepSpeed's `mpu` argument expects, so ZeRO shards over the
+    data-parallel group only and gradient norms cover the whole tensor-parallel model."""
+
+    def __init__(self, ctx: ParallelContext) -> None:
+        self.ctx = ctx
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.ctx.tp_size
+
+    def get_model_parallel_rank(self) -> int:
+        return self.ctx.tp_rank
+
+    def get_model_parallel_group(self):
+        return self.ctx.tp_group
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.ctx.dp_size
+
+    def get_data_parallel_rank(self) -> int:
+        return self.ctx.dp_rank
+
+    def get_data_parallel_group(self):
+        return self.ctx.dp_group
 
 
 def launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
@@ -141,6 +174,8 @@ def setup(parallel: ParallelConfig, seed: int, *, timeout_s: float = 600.0) -> P
         dp_rank=parallel_state.get_data_parallel_rank(),
         device=torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu"),
         backend=backend,
+        tp_group=parallel_state.get_tensor_model_parallel_group(),
+        dp_group=parallel_state.get_data_parallel_group(),
     )
 
 

@@ -31,8 +31,8 @@ from typing import Any
 
 import yaml
 
-from mlra_mega.config import ConfigError, RunConfig, load_config, public_dict, read_yaml_document
-from mlra_mega.variants import variant_overrides
+from mlra_mega.config import ConfigError, RunConfig, load_config, public_dict, read_yaml_document, with_values
+from mlra_mega.variants import variant_settings
 
 __all__ = ["set_aside_unresumable", "Member", "SweepSpec", "load_spec", "members", "run_sweep"]
 
@@ -61,7 +61,6 @@ class Member:
     name: str
     labels: dict[str, Any]
     cfg: RunConfig
-    overrides: list[str] = field(default_factory=list)
 
 
 def load_spec(path: str | Path, seeds: int | None = None, overrides: list[str] | tuple[str, ...] = ()) -> SweepSpec:
@@ -120,7 +119,7 @@ def members(spec: SweepSpec) -> list[Member]:
     sweep_dir = Path(root_cfg.run.root) / root_cfg.tracking.experiment / spec.name
     out = []
     for axes, seeds in spec.grids:
-        out.extend(_grid_members(spec, axes, seeds, sweep_dir))
+        out.extend(_grid_members(root_cfg, spec, axes, seeds, sweep_dir))
     names = [m.name for m in out]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
@@ -128,20 +127,22 @@ def members(spec: SweepSpec) -> list[Member]:
     return out
 
 
-def _grid_members(spec: SweepSpec, axes: dict[str, list[Any]], seeds: list[int], sweep_dir: Path) -> list[Member]:
+def _grid_members(root: RunConfig, spec: SweepSpec, axes: dict[str, list[Any]], seeds: list[int],
+                  sweep_dir: Path) -> list[Member]:
+    """Each member's config is the spec's base config with the member's values put in by dataclass
+    replacement (checked against the fields' types, validated), not by re-parsing override text."""
     out = []
     keys = list(axes)
     for combo in itertools.product(*axes.values()):
         for seed in seeds:
             labels = dict(zip(keys, combo))
             name = "-".join(f"{_SHORT.get(k, k.rsplit('.', 1)[-1] + '_')}{v}" for k, v in labels.items()) + f"-s{seed}"
-            overrides = [*spec.overrides, *(f"{k}={v}" for k, v in labels.items() if k != "variant"),
-                         f"train.seed={seed}"]
+            cfg = with_values(root, {**{k: v for k, v in labels.items() if k != "variant"}, "train.seed": seed})
             if "variant" in labels:
-                overrides += variant_overrides(str(labels["variant"]), load_config(spec.base, overrides).model)
+                cfg = with_values(cfg, variant_settings(str(labels["variant"]), cfg.model))
             tags = [f"sweep={spec.name}", f"seed={seed}", *(f"{k}={v}" for k, v in labels.items())]
-            overrides += [f"run.dir={sweep_dir / name}", f"run.name={name}", f"tracking.tags={tags!r}"]
-            out.append(Member(name, {**labels, "seed": seed}, load_config(spec.base, overrides), overrides))
+            cfg = with_values(cfg, {"run.dir": str(sweep_dir / name), "run.name": name, "tracking.tags": tags})
+            out.append(Member(name, {**labels, "seed": seed}, cfg))
     return out
 
 
@@ -213,8 +214,7 @@ def run_sweep(spec: SweepSpec, *, submit: Callable[[Path], str] | None = None,
             log(f"{head}: finished before, skipped")
             outcomes.append((member.name, "skipped"))
             continue
-        overrides = [*member.overrides, f"tracking.parent_run_id={parent}"] if parent else member.overrides
-        member_cfg = load_config(spec.base, overrides)
+        member_cfg = with_values(member.cfg, {"tracking.parent_run_id": parent}) if parent else member.cfg
         if submit is not None:
             run_dir = Path(member_cfg.run.dir)
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -13,15 +13,21 @@ start=$(date +%s)
   --output $DATA/tokenizer
 [ -f $DATA/docs.idx ] || mlra-mega preprocess --input $DATA/docs.jsonl --tokenizer $DATA/tokenizer \
   --output-prefix $DATA/docs --workers 2
-python3 scripts/paper_lr_bracket.py --out runs/paper-depth-cpu/lr-bracket
+[ "${SKIP_BRACKET:-0}" = 1 ] || python3 scripts/paper_lr_bracket.py --out runs/paper-depth-cpu/lr-bracket
+# (SKIP_BRACKET=1: a later part of the study, the bracket ran in the first)
 # The sweep's rates were written into cpu-study.yaml from the committed bracket: check they still agree.
-python3 - <<'PY'
+[ "${SKIP_BRACKET:-0}" = 1 ] || python3 - <<'PY'
 import json, sys
 b = json.load(open("runs/paper-depth-cpu/lr-bracket/bracket.json"))
 if (b["lr_star"], b["lr_mlra"]) != (1e-3, 2e-3):
     sys.exit(f"error: the bracket now gives lr* = {b['lr_star']:g}, lr_mlra = {b['lr_mlra']:g}; "
              "configs/paper/cpu-study.yaml was written for 1e-3 / 2e-3: update its rates")
 PY
+SWEEP=runs/paper-depth-cpu-v2/cpu-study
+ARCHIVE=docs/results/paper-depth-cpu/members
+mkdir -p $SWEEP
+python3 scripts/paper_study_archive.py restore $ARCHIVE $SWEEP  # the members finished in earlier parts
 mlra-mega sweep configs/paper/cpu-study.yaml
-python3 scripts/paper_study_report.py runs/paper-depth-cpu-v2/cpu-study --out docs/results/paper-depth-cpu/tables.md
+python3 scripts/paper_study_archive.py save $SWEEP $ARCHIVE
+python3 scripts/paper_study_report.py $SWEEP --out docs/results/paper-depth-cpu/tables.md
 echo "[study] wall time $(( $(date +%s) - start )) s"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,23 @@ def sample_dataset(tmp_path_factory: pytest.TempPathFactory, corpus_jsonl: Path,
     prefix = tmp_path_factory.mktemp("dataset") / "corpus"
     preprocess([corpus_jsonl], tokenizer_dir, prefix, progress=Progress(None, interactive=False, log=lambda s: None))
     return str(prefix)
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """Where a multi-process test's runs find the session's tokenizer and dataset, and put their
+    run directories: handed to its cases as an argument (tests/dist.py)."""
+
+    tokenizer: str
+    dataset: str
+    runs: str
+
+    def overrides(self) -> list[str]:
+        return [f"data.tokenizer={self.tokenizer}", f"data.paths=[{self.dataset}]", f"run.root={self.runs}"]
+
+
+def train_data(tokenizer_dir: Path, dataset: str, tmp_path_factory: pytest.TempPathFactory, name: str) -> TrainData:
+    return TrainData(str(tokenizer_dir), dataset, str(tmp_path_factory.mktemp(name)))
 
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"

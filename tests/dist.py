@@ -5,13 +5,18 @@ that asks for a result of that module at world size W starts ONE torchrun launch
 processes that runs every case of the module registered for W (a 4-process launch costs
 25-40 s of imports on 2 cores, so one per module and size, not one per case). Each case runs
 on every rank inside an initialised gloo process group; its return value (anything picklable)
-or its traceback is collected per rank. `dist_result(module, W, case)` returns the list of
+or its traceback is collected per rank. `dist_result(module, W, case, **args)` returns the list of
 per-rank values, or fails the test with every failing rank's traceback.
+
+Arguments reach the cases as keyword arguments: `args` (picklable values, e.g. a fixture's
+paths) go to the launch in a file, and each case gets those of them its signature names. One
+launch serves every case of a module and size that is asked for with the same arguments.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import pickle
 import subprocess
@@ -25,6 +30,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+ARGS_FILE = "args.pkl"  # in the launch's output directory: the cases' keyword arguments
 LAUNCH_TIMEOUT_S = float(os.environ.get("MLRA_TEST_LAUNCH_TIMEOUT", "600"))
 
 
@@ -55,9 +61,20 @@ class Outcome:
     error: str = ""
 
 
+def case_kwargs(fn: Callable[..., Any], args: dict[str, Any]) -> dict[str, Any]:
+    """The arguments `fn` takes by name (all of them if it takes **kwargs)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(args)
+    return {k: v for k, v in args.items() if k in params}
+
+
 @functools.cache
-def _launch(module: str, world_size: int) -> tuple[dict[str, list[Outcome]], str]:
+def _launch(module: str, world_size: int, frozen_args: tuple[tuple[str, Any], ...] = ()
+            ) -> tuple[dict[str, list[Outcome]], str]:
     out_dir = tempfile.mkdtemp(prefix=f"dist-{module.rsplit('.', 1)[-1]}-w{world_size}-")
+    with (Path(out_dir) / ARGS_FILE).open("wb") as f:
+        pickle.dump(dict(frozen_args), f)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
            "-m", "tests.dist_worker", module, str(world_size), out_dir]
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
@@ -78,9 +95,10 @@ def _launch(module: str, world_size: int) -> tuple[dict[str, list[Outcome]], str
     return results, log
 
 
-def dist_result(module: str, world_size: int, case: str) -> list[Any]:
-    """Per-rank return values of `case` at `world_size` (fails the test if any rank failed)."""
-    results, log = _launch(module, world_size)
+def dist_result(module: str, world_size: int, case: str, **args: Any) -> list[Any]:
+    """Per-rank return values of `case(**args)` at `world_size` (fails the test if any rank failed)."""
+    frozen = tuple(sorted(args.items()))
+    results, log = _launch(module, world_size, frozen)
     outcomes = results.get(case)
     if outcomes is None or any(o is None for o in outcomes):
         pytest.fail(f"case {case!r} produced no result on some rank at world size {world_size}; "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from tests.dist import REGISTRY, Outcome
+from tests.dist import ARGS_FILE, REGISTRY, Outcome, case_kwargs
 
 CASE_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("MLRA_TEST_GLOO_TIMEOUT", "120")))
 
@@ -30,12 +30,14 @@ def main() -> int:
     assert dist.get_world_size() == world_size, (dist.get_world_size(), world_size)
     rank = dist.get_rank()
     importlib.import_module(module)
+    with (out_dir / ARGS_FILE).open("rb") as f:
+        args = pickle.load(f)
     results: dict[str, Outcome] = {}
     for name, case in sorted(REGISTRY.get(module, {}).items()):
         if world_size not in case.world_sizes:
             continue
         try:
-            value = case.fn()
+            value = case.fn(**case_kwargs(case.fn, args))
             pickle.dumps(value)
             results[name] = Outcome(True, value)
         except BaseException:  # noqa: BLE001 - reported to the test, which fails with it

@@ -23,7 +23,8 @@ from mlra_mega.config.schema import RunConfig, _all_dotted_keys, _did_you_mean, 
 from mlra_mega.credentials import mask
 from mlra_mega.errors import ConfigError
 
-__all__ = ["MAX_YAML_NODES", "load_config", "from_dict", "to_dict", "public_dict", "flatten", "read_yaml_document"]
+__all__ = ["MAX_YAML_NODES", "load_config", "with_values", "from_dict", "to_dict", "public_dict", "flatten",
+           "read_yaml_document"]
 
 MAX_YAML_NODES = 100_000  # a config is a few hundred nodes; an alias bomb expands to billions
 
@@ -39,6 +40,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = from_dict(RunConfig, data)
     cfg.validate()
     return cfg
+
+
+def with_values(cfg: RunConfig, values: dict[str, Any]) -> RunConfig:
+    """`cfg` with `{dotted key: value}` set (dataclass replacement: each value converted and
+    checked against its field's type as a YAML value would be), validated again."""
+    for key, value in values.items():
+        cfg = _replace_dotted(cfg, key.split("."), value, "")
+    cfg.validate()
+    return cfg
+
+
+def _replace_dotted(node: Any, parts: list[str], value: Any, prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(node)}
+    head = parts[0]
+    if head not in fields:
+        raise ConfigError(f"{prefix}{head}", "unknown key",
+                          _closest_key_hint(head, list(fields), prefix) or f"valid keys: {sorted(fields)}")
+    if len(parts) == 1:
+        new = _coerce(value, typing.get_type_hints(type(node))[head], f"{prefix}{head}")
+    else:
+        child = getattr(node, head)
+        if not dataclasses.is_dataclass(child):
+            raise ConfigError(f"{prefix}{head}", "is a value, not a section", "check the dotted key")
+        new = _replace_dotted(child, parts[1:], value, f"{prefix}{head}.")
+    return dataclasses.replace(node, **{head: new})
 
 
 def from_dict(cls: type, data: Any, prefix: str = "") -> Any:

@@ -16,6 +16,8 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
+from mlra_mega.files import atomic_path
+
 __all__ = ["sample_corpus", "iter_docstrings", "default_sample_path"]
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
@@ -58,15 +60,9 @@ def sample_corpus(path: Path | None = None, *, max_documents: int | None = None)
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for i, doc in enumerate(iter_docstrings()):
-                if max_documents is not None and i >= max_documents:
-                    break
-                f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        for i, doc in enumerate(iter_docstrings()):
+            if max_documents is not None and i >= max_documents:
+                break
+            f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
     return path

@@ -29,8 +29,9 @@ import numpy as np
 
 from mlra_mega.data.documents import ReadOptions, ReadStats, iter_documents
 from mlra_mega.errors import ConfigError, DataError
+from mlra_mega.files import bytes_sha256, file_sha256
 
-__all__ = ["TokenizerCard", "Tokenizer", "MegatronTokenizerAdapter", "train_tokenizer", "load_tokenizer", "file_sha256",
+__all__ = ["TokenizerCard", "Tokenizer", "MegatronTokenizerAdapter", "train_tokenizer", "load_tokenizer",
            "MODEL_FILE", "CARD_FILE", "split_long_line", "check_vocab"]
 
 MODEL_FILE = "tokenizer.model"
@@ -54,14 +55,6 @@ class TokenizerCard:
     lines_dropped: int
     sampled: bool
     sentencepiece_version: str
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 _SPACE = re.compile(rb"\s+")
@@ -213,7 +206,7 @@ def _write_tokenizer(out: Path, tmp_model: Path, tmp_card: Path, proto: bytes, m
     sp = spm.SentencePieceProcessor(model_proto=proto)
     card = TokenizerCard(
         vocab_size=sp.vocab_size(), model_type=model_type, unk_id=sp.unk_id(), eod_id=sp.eos_id(),
-        bos_id=sp.bos_id(), pad_id=sp.pad_id(), model_sha256=hashlib.sha256(proto).hexdigest(),
+        bos_id=sp.bos_id(), pad_id=sp.pad_id(), model_sha256=bytes_sha256(proto),
         input_sha256=digest, inputs=[str(p) for p in paths], seed=seed, lines_used=stats.used,
         lines_split=stats.split, lines_dropped=stats.dropped, sampled=keep_p < 1.0,
         sentencepiece_version=spm.__version__)

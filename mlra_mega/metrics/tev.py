@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from mlra_mega.zero import gathered
+
 __all__ = ["TEVStats", "compute_tev", "embedding_tev", "row_tev"]
 
 
@@ -84,9 +86,5 @@ def compute_tev(weight: torch.Tensor, vocab_size: int, group: dist.ProcessGroup 
 def embedding_tev(model: torch.nn.Module, vocab_size: int, tp_group: dist.ProcessGroup | None) -> TEVStats:
     """TEV of the input embedding, its rows gathered first where ZeRO-3 has partitioned them."""
     weight = model.embedding.word_embeddings.weight
-    if hasattr(weight, "ds_id"):  # a ZeRO-3 partitioned parameter
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
-            return compute_tev(weight, vocab_size, tp_group)
-    return compute_tev(weight, vocab_size, tp_group)
+    with gathered([weight]):
+        return compute_tev(weight, vocab_size, tp_group)

@@ -37,9 +37,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlra_mega.config import RunConfig, flatten, public_dict
+from mlra_mega.config import RunConfig, TrackingConfig
 from mlra_mega.credentials import MASK, mask, strip_masked
-from mlra_mega.train.callbacks import CONFIG_CHANGES, Callback
+from mlra_mega.files import atomic_write_text
+from mlra_mega.train.callbacks import CONFIG_CHANGES, Callback, Priority
 
 __all__ = ["BUFFER", "MLflowLogger", "check_tracking_store", "default_tracking_uri", "sync_run", "tracking_uri",
            "ui_command"]
@@ -60,7 +61,13 @@ def default_tracking_uri(runs_root: str | Path) -> str:
 
 
 def tracking_uri(cfg: RunConfig) -> str:
-    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.run.root)
+    """The store a run of `cfg` logs to."""
+    return store_uri(cfg.tracking, cfg.run.root)
+
+
+def store_uri(tracking: TrackingConfig, runs_root: str | Path) -> str:
+    """`tracking.uri`, else MLFLOW_TRACKING_URI, else the embedded SQLite store under `runs_root`."""
+    uri = tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(runs_root)
     # A URI read back from a file we wrote is masked: its credentials come from MLflow's variables.
     return strip_masked(uri) if MASK in uri else uri
 
@@ -214,10 +221,16 @@ def _missing_from_server(client: Any, run_id: str, records: list[dict[str, Any]]
 class MLflowLogger(Callback):
     """Rank 0 logs through its sender thread; other ranks only take part in the host-name gather."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
-        self.cfg, self.run_dir = cfg, run_dir
+    priority = Priority.WRITER
+    name = "mlflow"
+
+    def __init__(self, tracking: TrackingConfig, run_dir: Path, *, params: dict[str, Any], runs_root: str | Path,
+                 zero_stage: int) -> None:
+        """`params`: the run's settings, flattened and with credentials masked (logged once, as params)."""
+        self.tracking, self.run_dir, self.params = tracking, run_dir, params
+        self.runs_root, self.zero_stage = Path(runs_root), zero_stage
         self.run_id: str | None = None
-        self.uri = tracking_uri(cfg)
+        self.uri = store_uri(tracking, runs_root)
         self.buffer = run_dir / BUFFER
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -258,9 +271,9 @@ class MLflowLogger(Callback):
         self._thread = threading.Thread(target=self._send_loop, name="mlflow-logger", daemon=True)
         self._thread.start()
 
-    def on_step_end(self, trainer, metrics) -> None:
+    def on_metrics(self, trainer, step: int, metrics: dict[str, Any]) -> None:
         if trainer.ctx.is_main:
-            self._queue.put({"step": metrics.step, "ts": int(time.time() * 1000), "metrics": metrics.as_dict()})
+            self._queue.put({"step": step, "ts": int(time.time() * 1000), "metrics": dict(metrics)})
 
     def on_eval_end(self, trainer, step: int, metrics: dict[str, float]) -> None:
         if trainer.ctx.is_main:
@@ -268,14 +281,14 @@ class MLflowLogger(Callback):
 
     def on_rollback(self, trainer, from_step: int) -> None:
         if trainer.ctx.is_main:
-            self._queue.put({"replayed": [trainer.step + 1, from_step]})
+            self._queue.put({"replayed": [trainer.step + 1, from_step]})  # the steps after the checkpoint's
 
     def on_fit_end(self, trainer) -> None:
         if not trainer.ctx.is_main or self._thread is None:
             return
-        status = "FINISHED" if trainer.step >= self.cfg.train.steps else "KILLED"
+        status = "FINISHED" if trainer.step >= trainer.total_steps else "KILLED"
         self._queue.put({"end": status})
-        self._thread.join(timeout=self.cfg.tracking.final_flush_s)
+        self._thread.join(timeout=self.tracking.final_flush_s)
         if self._thread.is_alive():
             self._stop.set()
             # The sender may be stuck in a request: put everything on disk now. Its queue waits end
@@ -284,7 +297,7 @@ class MLflowLogger(Callback):
                 self._pending.extend(r for r in self._drain(0) if "step" in r)
                 self._write_buffer()
             print(f"[mlflow] {mask(self.uri)} did not answer within tracking.final_flush_s="
-                  f"{self.cfg.tracking.final_flush_s:g}s; unsent records are kept in {self.buffer} and go out when "
+                  f"{self.tracking.final_flush_s:g}s; unsent records are kept in {self.buffer} and go out when "
                   f"this run resumes, or with: mlra-mega sync-tracking {self.run_dir}", file=sys.stderr, flush=True)
         self._thread = None
 
@@ -301,9 +314,9 @@ class MLflowLogger(Callback):
         setup = self._setup
         if self.run_id is not None:
             client.update_run(self.run_id, status="RUNNING")
-            extra = dict(t.split("=", 1) for t in self.cfg.tracking.tags)
-            if self.cfg.tracking.parent_run_id:  # a run started alone, resumed as a sweep's member
-                extra["mlflow.parentRunId"] = self.cfg.tracking.parent_run_id
+            extra = dict(t.split("=", 1) for t in self.tracking.tags)
+            if self.tracking.parent_run_id:  # a run started alone, resumed as a sweep's member
+                extra["mlflow.parentRunId"] = self.tracking.parent_run_id
             changes = self.run_dir / CONFIG_CHANGES
             if changes.is_file():  # params cannot be overwritten: settings changed on resume go in a tag
                 last = changes.read_text().strip().splitlines()[-1]
@@ -319,32 +332,30 @@ class MLflowLogger(Callback):
                 if logged and max(logged) > resumed:
                     _add_replayed_tag(client, self.run_id, resumed + 1, max(logged))
         else:
-            name = self.cfg.tracking.experiment
+            name = self.tracking.experiment
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 location = None
-                if self.uri.startswith("sqlite:") and not self.cfg.tracking.uri:
-                    location = (Path(self.cfg.run.root).resolve() / "mlartifacts" / name).as_uri()
+                if self.uri.startswith("sqlite:") and not self.tracking.uri:
+                    location = (self.runs_root.resolve() / "mlartifacts" / name).as_uri()
                 exp_id = client.create_experiment(name, artifact_location=location)
             else:
                 exp_id = exp.experiment_id
             run_id = client.create_run(exp_id, run_name=self.run_dir.name).info.run_id
-            params = [Param(k, str(v)[:6000]) for k, v in flatten(public_dict(self.cfg)).items()]
+            params = [Param(k, str(v)[:6000]) for k, v in self.params.items()]
             for i in range(0, len(params), _PARAM_BATCH):
                 client.log_batch(run_id, params=params[i:i + _PARAM_BATCH])
             tags = {"git_sha": _git_sha(), "layout": setup["layout"], "world_size": str(setup["world_size"]),
-                    "zero_stage": str(self.cfg.zero.stage), "hosts": setup["hosts"],
+                    "zero_stage": str(self.zero_stage), "hosts": setup["hosts"],
                     "run_dir": str(self.run_dir.resolve()),
                     **{f"version.{k}": v for k, v in package_versions().items()},
-                    **dict(t.split("=", 1) for t in self.cfg.tracking.tags)}
-            if self.cfg.tracking.parent_run_id:
-                tags["mlflow.parentRunId"] = self.cfg.tracking.parent_run_id
+                    **dict(t.split("=", 1) for t in self.tracking.tags)}
+            if self.tracking.parent_run_id:
+                tags["mlflow.parentRunId"] = self.tracking.parent_run_id
             for k, v in tags.items():
                 client.set_tag(run_id, k, v)
             self.run_id = run_id
-            tmp = self.run_dir / (RUN_ID_FILE + ".tmp")
-            tmp.write_text(run_id + "\n")
-            tmp.replace(self.run_dir / RUN_ID_FILE)
+            atomic_write_text(self.run_dir / RUN_ID_FILE, run_id + "\n")
         self._client = client
 
     def _write_buffer(self, new: list[dict[str, Any]] | None = None) -> None:
@@ -353,9 +364,7 @@ class MLflowLogger(Callback):
             with self.buffer.open("a") as f:
                 f.write("".join(json.dumps(r) + "\n" for r in new))
             return
-        tmp = self.buffer.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self._pending))
-        tmp.replace(self.buffer)
+        atomic_write_text(self.buffer, "".join(json.dumps(r) + "\n" for r in self._pending))
 
     def _drain(self, wait_s: float | None) -> list[dict[str, Any]]:
         """Everything queued: after waiting for the first item and then `tracking.send_interval_s`
@@ -374,7 +383,7 @@ class MLflowLogger(Callback):
                 break
             if deadline is None:
                 # One batch per interval: every send costs the step loop CPU (and the GIL).
-                deadline = time.monotonic() + self.cfg.tracking.send_interval_s
+                deadline = time.monotonic() + self.tracking.send_interval_s
         while True:
             try:
                 items.append(self._queue.get_nowait())

@@ -7,8 +7,9 @@ Layout of `<run dir>/checkpoints/`:
       model/tp00.pt ...            this TP rank's full parameters (DP rank 0 of each TP group
                                    writes it; ZeRO-3 rows gathered first): what export reads
       rng/rank00000.pt ...         every rank's RNG states (torch, numpy, python, megatron's tracker)
-      sidecar.pt                   resolved config, data position, step, callback states (MLflow run
-                                   id among them), package versions, layout; rank 0
+      sidecar.pt                   the trainer's state (step, data position, non-finite counts,
+                                   callback states by name: the MLflow run id among them), the
+                                   resolved config, package versions, layout; rank 0
       tokenizer/                   a copy of the tokenizer model and card
       manifest.json                every file above with its size; written last
     latest                         the tag of the newest complete checkpoint, replaced atomically
@@ -22,7 +23,6 @@ hold plain types and tensors only; every file, DeepSpeed's included, is read by 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import time
@@ -35,14 +35,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mlra_mega.config import ConfigError, RunConfig, flatten, public_dict
-from mlra_mega.errors import DataError
-from mlra_mega.data.tokenizer import file_sha256
-from mlra_mega.train.callbacks import Callback
+from mlra_mega.config import CheckpointConfig, ConfigError, flatten
+from mlra_mega.distributed import ParallelContext
+from mlra_mega.errors import DataError, MlraMegaError
+from mlra_mega.files import atomic_write_text, file_sha256
+from mlra_mega.train.callbacks import Callback, Priority
 from mlra_mega.train.safe_load import safe_load
+from mlra_mega.zero import gathered
 
-__all__ = ["Checkpointer", "Checkpoint", "tag_for", "model_shard", "save_checkpoint", "find_checkpoint", "load_checkpoint", "check_compatible",
-           "read_sidecar", "is_complete", "checkpoint_problem", "package_versions", "rng_state", "set_rng_state"]
+__all__ = ["Checkpointer", "Checkpoint", "tag_for", "model_shard", "save_checkpoint", "find_checkpoint",
+           "load_checkpoint", "read_sidecar", "is_complete", "checkpoint_problem", "package_versions", "rng_state",
+           "set_rng_state"]
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -108,20 +111,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def model_shard(engine: Any) -> dict[str, torch.Tensor]:
     """This rank's parameters, whole (ZeRO-3: gathered over DP; a collective there)."""
     params = dict(engine.module.named_parameters())
-    if any(hasattr(p, "ds_id") for p in params.values()):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
-            return {n: p.detach().clone().cpu() for n, p in params.items()}
-    return {n: p.detach().clone().cpu() for n, p in params.items()}
+    with gathered(params.values()):
+        return {n: p.detach().clone().cpu() for n, p in params.items()}
 
 
 def _write_manifest(path: Path) -> None:
     files = {str(p.relative_to(path)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(path.rglob("*")) if p.is_file() and p.name != MANIFEST}
-    tmp = path / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"files": files}, indent=1) + "\n")
-    os.replace(tmp, path / MANIFEST)
+    atomic_write_text(path / MANIFEST, json.dumps({"files": files}, indent=1) + "\n")
 
 
 def checkpoint_problem(path: Path, verify_hashes: bool = False) -> str | None:
@@ -149,12 +146,6 @@ def is_complete(path: Path, verify_hashes: bool = False) -> bool:
     return checkpoint_problem(path, verify_hashes) is None
 
 
-def _replace_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(engine: Any, root: Path, step: int, sidecar: dict[str, Any], *, is_main: bool,
                     dp_rank: int, tp_rank: int, tokenizer_dir: Path | None, keep: int) -> Checkpoint:
     """Writes checkpoint `step` under `root` on every rank; rank 0 then points `latest` at it."""
@@ -176,7 +167,7 @@ def save_checkpoint(engine: Any, root: Path, step: int, sidecar: dict[str, Any],
         dist.barrier()  # every shard is on disk before the manifest and the pointer
     if is_main:
         _write_manifest(path)
-        _replace_text(root / LATEST, tag + "\n")
+        atomic_write_text(root / LATEST, tag + "\n")
         complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step") and is_complete(p))
         kept = set(complete[-keep:])
         for old in root.iterdir():
@@ -225,23 +216,6 @@ def read_sidecar(ckpt: Checkpoint) -> dict[str, Any]:
     return safe_load(ckpt.path / SIDECAR)
 
 
-def check_compatible(ckpt: Checkpoint, sidecar: dict[str, Any], cfg: RunConfig, tp: int, dp: int) -> None:
-    """The checkpoint's model and layout are this run's, or a ConfigError naming what differs."""
-    saved = {k: v for k, v in flatten(sidecar["config"]).items() if k.startswith("model.")}
-    current = {k: v for k, v in flatten(cfg).items() if k.startswith("model.")}
-    differ = [f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
-              if saved.get(k) != current.get(k)]
-    if differ:
-        raise ConfigError("checkpoint", f"{ckpt.path} was made by a different model: {', '.join(differ)}",
-                          "resume with the model config it was made with, or start a new run.dir")
-    layout = sidecar["layout"]
-    now = {"tensor": tp, "data": dp, "zero_stage": cfg.zero.stage}
-    changed = [f"{k} {layout[k]} -> {now[k]}" for k in now if layout[k] != now[k]]
-    if changed:
-        raise ConfigError("checkpoint", f"{ckpt.path} was written at another layout: {', '.join(changed)}",
-                          "resume with the same parallel.tensor, world size and zero.stage")
-
-
 def load_checkpoint(engine: Any, ckpt: Checkpoint) -> None:
     """DeepSpeed's shards into the engine, and this rank's RNG states back."""
     load_path, _ = engine.load_checkpoint(str(ckpt.root), tag=ckpt.tag, load_optimizer_states=True,
@@ -257,13 +231,6 @@ def load_checkpoint(engine: Any, ckpt: Checkpoint) -> None:
     set_rng_state(safe_load(rng))
 
 
-def sidecar_for(cfg: RunConfig, step: int, consumed_samples: int, callbacks: dict[str, Any], tp: int, dp: int,
-                finished: bool) -> dict[str, Any]:
-    return {"step": step, "consumed_samples": consumed_samples, "config": public_dict(cfg), "callbacks": callbacks,
-            "versions": package_versions(), "layout": {"tensor": tp, "data": dp, "zero_stage": cfg.zero.stage},
-            "finished": finished}
-
-
 def _is_write_failure(exc: Exception) -> bool:
     """A full disk or a file system that refuses writes (torch's zip writer says it as a RuntimeError)."""
     if isinstance(exc, OSError):
@@ -273,31 +240,125 @@ def _is_write_failure(exc: Exception) -> bool:
 
 
 class Checkpointer(Callback):
-    """A checkpoint every `checkpoint.interval` steps and at the last step (put it last)."""
+    """The run's checkpoints: finds, verifies, loads and saves them, and picks the rollback target.
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, tokenizer_dir: Path | None) -> None:
-        self.cfg, self.root, self.tokenizer_dir = cfg, run_dir / "checkpoints", tokenizer_dir
+    As a callback it saves every `checkpoint.interval` steps (not on a skipped step: a rollback
+    wants the checkpoints from before a run of them), at the last step and at a step in which a
+    callback requested a stop; it runs after every
+    other callback of the step but the preemption guard, so every state it saves is final.
+    """
+
+    priority = Priority.CHECKPOINT
+    name = "checkpointer"
+
+    def __init__(self, section: CheckpointConfig, run_dir: Path, ctx: ParallelContext, *, config: dict[str, Any],
+                 zero_stage: int, tokenizer_dir: Path | None, log=print) -> None:
+        self.section, self.root, self.ctx, self.tokenizer_dir = section, run_dir / "checkpoints", ctx, tokenizer_dir
+        self.run_dir = run_dir
+        self.config = config  # the run's resolved config, credentials masked: what the sidecar keeps
+        self.layout = {"tensor": ctx.tp_size, "data": ctx.dp_size, "zero_stage": zero_stage}
+        self.log = log if ctx.is_main else (lambda s: None)
         self.last: Checkpoint | None = None
-        self.last_save_s: float | None = None  # how long the last save took (the SIGTERM budget test)
+        self.last_save_s: float | None = None  # how long the last save took (the SIGTERM budget)
+
+    # -- finding and verifying ---------------------------------------------------------------
+
+    def find(self, where: Path | None = None, *, before: int | None = None) -> Checkpoint | None:
+        """The newest whole checkpoint (hashes verified) at `where` (default: this run's)."""
+        return find_checkpoint(where or self.run_dir, verify_hashes=True, log=self.log, before=before)
+
+    def resume_point(self, total_steps: int) -> tuple[Checkpoint | None, dict[str, Any] | None]:
+        """(checkpoint, sidecar) to continue from, per `checkpoint.resume`, or (None, None)."""
+        resume = self.section.resume
+        if resume == "never":
+            if (self.run_dir / "metrics.jsonl").exists():
+                raise ConfigError("checkpoint.resume", f"is never, but {self.run_dir} already holds a run",
+                                  "give a new run.dir, or use checkpoint.resume=auto to continue it")
+            return None, None
+        if resume == "auto":
+            ckpt = self.find()
+            if ckpt is None:
+                self._refuse_to_start_over()
+                return None, None
+        else:
+            ckpt = self.find(Path(resume))
+            if ckpt is None:
+                raise ConfigError("checkpoint.resume", f"no complete checkpoint at {resume}",
+                                  "give a checkpoint directory, a run's checkpoints/ directory or a run directory")
+        sidecar = read_sidecar(ckpt)
+        self._check_compatible(ckpt, sidecar)
+        if sidecar["step"] >= total_steps:
+            raise ConfigError("checkpoint.resume", f"the run of {ckpt.path} already finished (step {sidecar['step']}, "
+                              f"train.steps={total_steps})",
+                              "start a new run.dir, or use checkpoint.resume=never with a new run.dir")
+        return ckpt, sidecar
+
+    def _refuse_to_start_over(self) -> None:
+        """A run directory that holds a run but no usable checkpoint is never trained over from step 0."""
+        root = self.root
+        tags = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step")) if root.is_dir() else []
+        if tags:
+            problems = "; ".join(f"{t.name}: {checkpoint_problem(t, verify_hashes=True)}" for t in tags[-3:])
+            raise ConfigError("checkpoint.resume", f"auto found no usable checkpoint in {root} ({problems})",
+                              "resume from a good copy with --resume PATH, or start afresh with --resume never "
+                              "and a new run.dir")
+        if (self.run_dir / "metrics.jsonl").exists():
+            raise ConfigError("checkpoint.resume", f"auto found {self.run_dir / 'metrics.jsonl'} but no checkpoint "
+                              "to continue it from (the run stopped before its first checkpoint)",
+                              "start afresh with --resume never and a new run.dir (or delete this one)")
+
+    def _check_compatible(self, ckpt: Checkpoint, sidecar: dict[str, Any]) -> None:
+        """The checkpoint's model and layout are this run's, or a ConfigError naming what differs."""
+        saved = {k: v for k, v in flatten(sidecar["config"]).items() if k.startswith("model.")}
+        current = {k: v for k, v in flatten(self.config).items() if k.startswith("model.")}
+        differ = [f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+                  if saved.get(k) != current.get(k)]
+        if differ:
+            raise ConfigError("checkpoint", f"{ckpt.path} was made by a different model: {', '.join(differ)}",
+                              "resume with the model config it was made with, or start a new run.dir")
+        layout = sidecar["layout"]
+        changed = [f"{k} {layout[k]} -> {v}" for k, v in self.layout.items() if layout[k] != v]
+        if changed:
+            raise ConfigError("checkpoint", f"{ckpt.path} was written at another layout: {', '.join(changed)}",
+                              "resume with the same parallel.tensor, world size and zero.stage")
+
+    def rollback_target(self, counter: Any, bad_step: int, consumed_samples: int) -> Checkpoint:
+        """The newest whole checkpoint from before the current run of skipped steps (`counter`, a
+        NonFiniteCounter); an error if there is none, or if it is the one the last rollback went to."""
+        found = self.find(before=counter.streak_start)
+        if found is None:
+            raise MlraMegaError(f"{counter.consecutive} non-finite steps in a row up to step {bad_step} "
+                                "(train.max_consecutive_skips) and no checkpoint to roll back to; set "
+                                "checkpoint.interval so there is one, or lower optim.lr")
+        if found.tag == counter.rolled_back_to:
+            raise MlraMegaError(f"the run went non-finite again right after rolling back to {found.path}; "
+                                f"lower optim.lr or look at the data after {consumed_samples} samples")
+        return found
+
+    # -- loading and saving ------------------------------------------------------------------
+
+    def load(self, engine: Any, ckpt: Checkpoint) -> dict[str, Any]:
+        """DeepSpeed's shards and this rank's RNG states into the run; the sidecar (the trainer's state)."""
+        load_checkpoint(engine, ckpt)
+        return read_sidecar(ckpt)
 
     def on_step_end(self, trainer: Any, metrics: Any) -> None:
-        interval, t = self.cfg.checkpoint.interval, self.cfg.train
-        if metrics.step in (t.steps, t.stop_at):
+        interval = self.section.interval
+        # A stop requested earlier in this step (a callback of higher priority) is a last step too.
+        if metrics.step in (trainer.total_steps, trainer.end_step) or trainer.stop_reason is not None:
             self.save(trainer)
         elif interval and metrics.step % interval == 0 and not metrics.skipped:
-            # Not on a skipped step: a rollback wants the checkpoints from before a run of them.
             self.save(trainer)
 
     def save(self, trainer: Any) -> Checkpoint:
-        states = {type(cb).__name__: cb.state_dict() for cb in trainer.callbacks}
-        ctx = trainer.ctx
-        sidecar = sidecar_for(self.cfg, trainer.step, trainer.batches.consumed_samples, states, ctx.tp_size,
-                              ctx.dp_size, finished=trainer.step >= self.cfg.train.steps)
+        sidecar = {**trainer.state_dict(), "config": self.config, "versions": package_versions(),
+                   "layout": self.layout, "finished": trainer.step >= trainer.total_steps}
+        ctx = self.ctx
         start = time.perf_counter()
         try:
             self.last = save_checkpoint(trainer.engine, self.root, trainer.step, sidecar, is_main=ctx.is_main,
                                         dp_rank=ctx.dp_rank, tp_rank=ctx.tp_rank, tokenizer_dir=self.tokenizer_dir,
-                                        keep=self.cfg.checkpoint.keep)
+                                        keep=self.section.keep)
         except (OSError, RuntimeError) as exc:
             if not _is_write_failure(exc):
                 raise

@@ -1,7 +1,8 @@
 """`profile.start` / `profile.steps`: a torch profiler trace of a step range, per chosen rank.
 
-The trace covers whole steps, from the end of step start-1 to the end of the last profiled step,
-so it holds the data fetch, forward, backward, optimizer, TEV and every callback of those steps,
+The trace covers whole steps, from the start of step `start` (before its data fetch) to the start
+of the step after the last profiled one (or the end of the run), so it holds the data fetch,
+forward, backward, optimizer, TEV, every callback and evaluation of those steps,
 each step marked as `ProfilerStep#N`. Written to `<run dir>/profile/rankNNNNN.trace.json`
 (chrome://tracing or https://ui.perfetto.dev) with `rankNNNNN.txt`, the operators sorted by their
 own CPU time (and CUDA time where there is a GPU).
@@ -15,12 +16,15 @@ from pathlib import Path
 import torch
 
 from mlra_mega.config import ProfileConfig
-from mlra_mega.train.callbacks import Callback
+from mlra_mega.train.callbacks import Callback, Priority
 
 __all__ = ["StepProfiler"]
 
 
 class StepProfiler(Callback):
+    priority = Priority.PROFILER
+    name = "profiler"
+
     def __init__(self, cfg: ProfileConfig, run_dir: Path, rank: int, log: Callable[[str], None]) -> None:
         self.cfg, self.rank, self.log = cfg, rank, log
         self.out = run_dir / "profile"
@@ -59,21 +63,17 @@ class StepProfiler(Callback):
         self.log(f"[profile] rank {self.rank}: steps {self.cfg.start}-{last_step} traced to {trace} "
                  "(open in https://ui.perfetto.dev or chrome://tracing); operator table beside it")
 
-    def on_fit_start(self, trainer) -> None:
-        if self.enabled and trainer.step + 1 == self.cfg.start:
-            self._begin(trainer.step + 1)
-
-    def on_step_end(self, trainer, metrics) -> None:
+    def on_step_start(self, trainer) -> None:
         if not self.enabled:
             return
         if self._prof is None:
-            if trainer.step + 1 == self.cfg.start:
-                self._begin(trainer.step + 1)
-        elif trainer.step >= min(self.cfg.last, trainer.cfg.train.stop_at or trainer.cfg.train.steps):
-            self._finish(trainer.step)
+            if trainer.step == self.cfg.start:
+                self._begin(trainer.step)
+        elif trainer.step > min(self.cfg.last, trainer.end_step):
+            self._finish(trainer.step - 1)
         else:
-            self._mark_step(trainer.step + 1)
+            self._mark_step(trainer.step)
 
     def on_fit_end(self, trainer) -> None:
-        if self._prof is not None:  # the run was stopped (preempted) inside the range
+        if self._prof is not None:  # the last profiled step was the run's last, or the run was stopped
             self._finish(trainer.step)

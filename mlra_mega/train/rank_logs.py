@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 
-from mlra_mega.train.callbacks import Callback
+from mlra_mega.train.callbacks import Callback, Priority
 
 __all__ = ["DUMP_SIGNAL", "RankLog", "Watchdog", "current", "log_paths", "request_stacks"]
 
@@ -119,6 +119,9 @@ class Watchdog(Callback):
     """Dumps every thread's stack into the rank log after `minutes` without a finished step or
     evaluation (and again every `minutes` while it lasts); 0 turns it off."""
 
+    priority = Priority.WATCHDOG
+    name = "watchdog"
+
     def __init__(self, minutes: float, log: RankLog | None) -> None:
         self.seconds, self.log = minutes * 60, log
 
@@ -143,12 +146,14 @@ class HangDrill(Callback):
     """A drill for the watchdog: global rank `rank` stalls `seconds` inside step `step` (after its
     backward, before the optimizer), as a rank stuck in a kernel or a collective would."""
 
+    priority = Priority.WATCHDOG
+    name = "hang_drill"
+
     def __init__(self, step: int, rank: int, seconds: float) -> None:
         self.step, self.rank, self.seconds = step, rank, seconds
 
     def on_before_optimizer_step(self, trainer: Any) -> None:
-        # trainer.step counts the finished steps: this is step trainer.step + 1 being made.
-        if trainer.ctx.rank == self.rank and trainer.step == self.step - 1:
+        if trainer.ctx.rank == self.rank and trainer.step == self.step:
             print(f"[drill] rank {self.rank} stalls {self.seconds:g}s in step {self.step}", flush=True)
             time.sleep(self.seconds)
 

@@ -16,24 +16,27 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 import yaml
 
 from mlra_mega import distributed
 from mlra_mega.config import ConfigError, RunConfig, flatten, public_dict
-from mlra_mega.errors import MlraMegaError, PeerLost
 from mlra_mega.data.datasets import SampleOrder, TrainBatches, build_datasets
 from mlra_mega.data.tokenizer import check_vocab, load_tokenizer
 from mlra_mega.distributed import ParallelContext, launch_env
+from mlra_mega.errors import MlraMegaError, PeerLost
+from mlra_mega.files import atomic_write_text
+from mlra_mega.model.build import build_model
+from mlra_mega.tracking.mlflow import MLflowLogger, check_tracking_store, tracking_uri
 from mlra_mega.train.callbacks import CONFIG_CHANGES, Callback, ConsoleLogger, MetricsFile, RunSummary
+from mlra_mega.train.checkpoint import Checkpointer
+from mlra_mega.train.engine import build_engine
+from mlra_mega.train.nonfinite import drill_from
+from mlra_mega.train.profiler import StepProfiler
 from mlra_mega.train.rank_logs import HangDrill, RankLog, Watchdog
 from mlra_mega.train.run_lock import RunLock
-from mlra_mega.train.checkpoint import (Checkpointer, check_compatible, checkpoint_problem, find_checkpoint,
-                                        read_sidecar)
-from mlra_mega.train.profiler import StepProfiler
-from mlra_mega.train.stability import stability_callbacks
 from mlra_mega.train.signals import PREEMPTED, PreemptionGuard, install_handlers, restore_handlers
+from mlra_mega.train.stability import stability_callbacks
 from mlra_mega.train.trainer import StepMetrics, Trainer
 
 __all__ = ["validate_layout", "resolve_run_dir", "train"]
@@ -80,48 +83,6 @@ def resolve_run_dir(cfg: RunConfig, ctx: ParallelContext) -> Path:
     if ctx.world_size > 1:
         dist.broadcast_object_list(name, src=0)  # one name for the whole job
     return parent / name[0]
-
-
-def _checkpoint_to_resume(cfg: RunConfig, run_dir: Path, tp: int, dp: int, log: Callable[[str], None]):
-    """(checkpoint, sidecar) to continue from, per `checkpoint.resume`, or (None, None)."""
-    resume = cfg.checkpoint.resume
-    if resume == "never":
-        if (run_dir / "metrics.jsonl").exists():
-            raise ConfigError("checkpoint.resume", f"is never, but {run_dir} already holds a run",
-                              "give a new run.dir, or use checkpoint.resume=auto to continue it")
-        return None, None
-    if resume == "auto":
-        ckpt = find_checkpoint(run_dir, verify_hashes=True, log=log)
-        if ckpt is None:
-            _refuse_to_start_over(run_dir)
-            return None, None
-    else:
-        ckpt = find_checkpoint(Path(resume), verify_hashes=True, log=log)
-        if ckpt is None:
-            raise ConfigError("checkpoint.resume", f"no complete checkpoint at {resume}",
-                              "give a checkpoint directory, a run's checkpoints/ directory or a run directory")
-    sidecar = read_sidecar(ckpt)
-    check_compatible(ckpt, sidecar, cfg, tp, dp)
-    if sidecar["step"] >= cfg.train.steps:
-        raise ConfigError("checkpoint.resume", f"the run of {ckpt.path} already finished (step {sidecar['step']}, "
-                          f"train.steps={cfg.train.steps})",
-                          "start a new run.dir, or use checkpoint.resume=never with a new run.dir")
-    return ckpt, sidecar
-
-
-def _refuse_to_start_over(run_dir: Path) -> None:
-    """A run directory that holds a run but no usable checkpoint is never trained over from step 0."""
-    root = run_dir / "checkpoints"
-    tags = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step")) if root.is_dir() else []
-    if tags:
-        problems = "; ".join(f"{t.name}: {checkpoint_problem(t, verify_hashes=True)}" for t in tags[-3:])
-        raise ConfigError("checkpoint.resume", f"auto found no usable checkpoint in {root} ({problems})",
-                          "resume from a good copy with --resume PATH, or start afresh with --resume never "
-                          "and a new run.dir")
-    if (run_dir / "metrics.jsonl").exists():
-        raise ConfigError("checkpoint.resume", f"auto found {run_dir / 'metrics.jsonl'} but no checkpoint to "
-                          "continue it from (the run stopped before its first checkpoint)",
-                          "start afresh with --resume never and a new run.dir (or delete this one)")
 
 
 _NOT_SETTINGS = ("checkpoint.resume",)  # how this start was asked for, not a setting of the run
@@ -180,36 +141,45 @@ def _name_lost_peers(ctx: ParallelContext, step: int, exc: Exception) -> None:
         return
     silent = distributed.silent_ranks()
     if silent:
-        raise PeerLost(f"rank {ctx.rank}: lost rank(s) {', '.join(map(str, silent))} during step {step + 1} "
+        raise PeerLost(f"rank {ctx.rank}: lost rank(s) {', '.join(map(str, silent))} during step {step} "
                        f"({str(exc).splitlines()[0][:200]}); they died or hang: see their logs under logs/ in the "
                        "run directory. The restart resumes from the last complete checkpoint") from exc
 
 
-def _run(cfg: RunConfig, ctx: ParallelContext, engine, batches: TrainBatches, data, run_dir: Path, ckpt, sidecar,
-         ds_cfg: dict, callbacks: Sequence[Callback], rank_log: RankLog, log: Callable[[str], None]
-         ) -> tuple[list[StepMetrics], Path]:
-    """The trainer with its callbacks, inside the rank's log."""
+def _callbacks(cfg: RunConfig, ctx: ParallelContext, run_dir: Path, rank_log: RankLog, checkpointer: Checkpointer,
+               log: Callable[[str], None]) -> list[Callback]:
+    """The standard callbacks of a run, each given the config section it uses (the trainer sorts
+    them by priority)."""
     main_log = log if ctx.is_main else lambda s: None
-    drill = cfg.faults
-    standard: list[Callback] = [Watchdog(drill.watchdog_minutes, rank_log),
-                                *([HangDrill(drill.inject_hang_step, drill.inject_hang_rank, drill.inject_hang_s)]
-                                  if drill.inject_hang_step is not None else []),
-                                StepProfiler(cfg.profile, run_dir, ctx.rank, log),
-                                *stability_callbacks(cfg, main_log), ConsoleLogger(),
-                                MetricsFile(run_dir / "metrics.jsonl"), RunSummary(run_dir / "summary.json")]
+    faults = cfg.faults
+    out: list[Callback] = [Watchdog(faults.watchdog_minutes, rank_log)]
+    if faults.inject_hang_step is not None:
+        out.append(HangDrill(faults.inject_hang_step, faults.inject_hang_rank, faults.inject_hang_s))
+    out += [StepProfiler(cfg.profile, run_dir, ctx.rank, log),
+            *stability_callbacks(cfg.diagnostics, sequence_parallel=cfg.parallel.sequence_parallel,
+                                 vocab_size=cfg.model.vocab_size, log=main_log),
+            ConsoleLogger(cfg.train.log_interval), MetricsFile(run_dir / "metrics.jsonl"),
+            RunSummary(run_dir / "summary.json"),
+            PreemptionGuard(run_dir, checkpointer, cfg.checkpoint.sigterm_save_s, faults.peer_timeout_s)]
     if cfg.tracking.enabled:
-        from mlra_mega.tracking.mlflow import MLflowLogger
+        out.append(MLflowLogger(cfg.tracking, run_dir, params=flatten(public_dict(cfg)), runs_root=cfg.run.root,
+                                zero_stage=cfg.zero.stage))
+    return out
 
-        standard.append(MLflowLogger(cfg, run_dir))
-    checkpointer = Checkpointer(cfg, run_dir, Path(cfg.data.tokenizer))
-    guard = PreemptionGuard(run_dir, checkpointer, cfg.checkpoint.sigterm_save_s, cfg.faults.peer_timeout_s)
-    trainer = Trainer(cfg, ctx, engine, batches, data.valid, [*standard, *callbacks, checkpointer, guard],
-                      run_dir=run_dir, log=main_log)
+
+def _run(cfg: RunConfig, ctx: ParallelContext, engine, batches: TrainBatches, data, run_dir: Path,
+         checkpointer: Checkpointer, ckpt, sidecar, ds_cfg: dict, callbacks: Sequence[Callback], rank_log: RankLog,
+         log: Callable[[str], None]) -> tuple[list[StepMetrics], Path]:
+    """The trainer with its callbacks, inside the rank's log."""
+    trainer = Trainer(ctx, engine, batches, train=cfg.train, optim=cfg.optim, model=cfg.model, metrics=cfg.metrics,
+                      evaluation=cfg.eval, checkpointer=checkpointer, valid_dataset=data.valid,
+                      callbacks=[*_callbacks(cfg, ctx, run_dir, rank_log, checkpointer, log), *callbacks],
+                      drill=drill_from(cfg.faults), log=log if ctx.is_main else lambda s: None)
     if ckpt is not None:
-        trainer.restore(ckpt, sidecar)  # before anything is written: a refused checkpoint changes nothing
+        trainer.restore(ckpt)  # before anything is written: a refused checkpoint changes nothing
     if ctx.is_main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(public_dict(cfg), sort_keys=False))
-        (run_dir / "deepspeed.json").write_text(json.dumps(ds_cfg, indent=2) + "\n")
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(public_dict(cfg), sort_keys=False))
+        atomic_write_text(run_dir / "deepspeed.json", json.dumps(ds_cfg, indent=2) + "\n")
         log(f"[train] run dir {run_dir}; {ctx.world_size} processes = tensor {ctx.tp_size} x data {ctx.dp_size}, "
             f"ZeRO-{cfg.zero.stage}, {cfg.train.precision}"
             + (f"; resuming {ckpt.path} at step {sidecar['step']}" if ckpt else ""))
@@ -224,24 +194,17 @@ def _run(cfg: RunConfig, ctx: ParallelContext, engine, batches: TrainBatches, da
         raise
     finally:
         restore_handlers(previous)
-    if trainer.preempted is not None and ctx.is_main:
-        log(f"[train] {trainer.preempted}; {run_dir / PREEMPTED} written")
+    if trainer.stop_reason is not None and ctx.is_main:
+        log(f"[train] {trainer.stop_reason}; {run_dir / PREEMPTED} written")
     return history, run_dir
 
 
 def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), log: Callable[[str], None] = print
           ) -> tuple[list[StepMetrics], Path]:
     """Runs `cfg` to `train.steps`; returns the per-step metrics and the run directory."""
-    from megatron.core import parallel_state
-
-    from mlra_mega.model.build import build_model
-    from mlra_mega.train.engine import add_sequence_parallel_grad_hooks, build_engine
-
     dp = validate_layout(cfg, launch_env().world_size if not dist.is_initialized() else dist.get_world_size())
     cfg, tokenizer = _with_tokenizer_vocab(cfg)
     if cfg.tracking.enabled:
-        from mlra_mega.tracking.mlflow import check_tracking_store, tracking_uri
-
         check_tracking_store(tracking_uri(cfg))
     owns_process_group = not dist.is_initialized()
     ctx = distributed.setup(cfg.parallel, cfg.train.seed)
@@ -254,17 +217,16 @@ def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), log: Callable[[str
         model = build_model(cfg.model, tensor_parallel=ctx.tp_size, sequence_parallel=cfg.parallel.sequence_parallel,
                             bf16=cfg.train.precision == "bf16",
                             activation_checkpointing=cfg.train.activation_checkpointing)
-        if cfg.parallel.sequence_parallel:
-            add_sequence_parallel_grad_hooks(model, parallel_state.get_tensor_model_parallel_group())
-        engine, ds_cfg = build_engine(cfg, model.to(ctx.device), dp)
+        engine, ds_cfg = build_engine(model.to(ctx.device), ctx, cfg.train, cfg.optim, cfg.zero)
         run_dir = resolve_run_dir(cfg, ctx)
         lock = _lock_run_dir(cfg, ctx, run_dir, log)
         try:
-            ckpt, sidecar = _checkpoint_to_resume(cfg, run_dir, ctx.tp_size, dp,
-                                                  log if ctx.is_main else lambda s: None)
+            checkpointer = Checkpointer(cfg.checkpoint, run_dir, ctx, config=public_dict(cfg),
+                                        zero_stage=cfg.zero.stage, tokenizer_dir=Path(cfg.data.tokenizer), log=log)
+            ckpt, sidecar = checkpointer.resume_point(cfg.train.steps)
             with RankLog(run_dir, ctx.rank, launch_env().launcher) as rank_log:
-                return _run(cfg, ctx, engine, batches, data, run_dir, ckpt, sidecar, ds_cfg, callbacks, rank_log,
-                            log)
+                return _run(cfg, ctx, engine, batches, data, run_dir, checkpointer, ckpt, sidecar, ds_cfg, callbacks,
+                            rank_log, log)
         finally:
             if lock is not None:
                 lock.release()

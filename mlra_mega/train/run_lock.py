@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mlra_mega.errors import ConfigError
+from mlra_mega.files import atomic_write_text
 
 __all__ = ["LOCK", "RunLock", "describe"]
 
@@ -71,9 +72,7 @@ class RunLock:
             return {}  # half-written or garbage: nobody can be said to hold it
 
     def _write(self, record: dict[str, Any]) -> None:
-        tmp = self.path.with_name(f"{LOCK}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(record) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(record) + "\n")
 
     def _takeover_reason(self, holder: dict[str, Any], me: dict[str, Any]) -> str | None:
         """Why this job may take the lock from `holder`, or None when the holder still has it."""

@@ -7,7 +7,8 @@ only some of them. Then a checkpoint is saved (on SIGTERM only if the last save 
 agent about 30 s after forwarding it), `<run dir>/PREEMPTED` is written by rank 0, and the run
 ends normally. The trainer knows nothing of Slurm: a batch script that finds the marker requeues
 the job (exit statuses do not survive torchrun), and the requeued job resumes from the
-checkpoint. Outside Slurm the same signal saves and exits cleanly.
+checkpoint. Outside Slurm the same signal saves and exits cleanly. The guard stops the run through
+`trainer.request_stop`: the step's metrics are still written, and no evaluation follows.
 
 A rank that holds a signal waits at most `faults.peer_timeout_s` for the others to agree: a
 launcher that tears the job down after one rank died signals the survivors, and they must not
@@ -29,22 +30,15 @@ import torch
 import torch.distributed as dist
 
 from mlra_mega.distributed import silent_ranks
+from mlra_mega.files import atomic_write_text
 from mlra_mega.train import rank_logs
-from mlra_mega.train.callbacks import Callback
+from mlra_mega.train.callbacks import Callback, Priority
 
-__all__ = ["PREEMPTED", "Preempted", "PreemptionGuard", "install_handlers", "received"]
+__all__ = ["PREEMPTED", "PreemptionGuard", "install_handlers", "received"]
 
 PREEMPTED = "PREEMPTED"
 _SIGNALS = {signal.SIGUSR1: "SIGUSR1", signal.SIGTERM: "SIGTERM"}
 _received: dict[str, Any] = {"signal": None, "at": None}
-
-
-class Preempted(Exception):
-    """Raised after the preemption checkpoint; the run ends without error."""
-
-    def __init__(self, step: int, signal_name: str, saved: bool) -> None:
-        super().__init__(f"preempted by {signal_name} after step {step} ({'saved' if saved else 'not saved'})")
-        self.step, self.signal_name, self.saved = step, signal_name, saved
 
 
 def _handler(signum: int, frame: Any) -> None:  # noqa: ARG001 - signal handler signature
@@ -68,7 +62,10 @@ def received() -> str | None:
 
 
 class PreemptionGuard(Callback):
-    """Put it after the checkpointer: agrees on a signal, saves, writes the marker, stops."""
+    """After the checkpointer: agrees on a signal, saves, writes the marker, asks the trainer to stop."""
+
+    priority = Priority.PREEMPTION
+    name = "preemption"
 
     def __init__(self, run_dir: Path, checkpointer: Any, sigterm_save_s: float, peer_timeout_s: float = 60.0) -> None:
         self.run_dir, self.checkpointer, self.sigterm_save_s = run_dir, checkpointer, sigterm_save_s
@@ -117,7 +114,5 @@ class PreemptionGuard(Callback):
         if trainer.ctx.is_main:
             marker = {"signal": name, "step": trainer.step, "saved": saved,
                       "checkpoint": str(self.checkpointer.last.path) if saved else None, "time": time.time()}
-            tmp = self.run_dir / (PREEMPTED + ".tmp")
-            tmp.write_text(json.dumps(marker) + "\n")
-            tmp.replace(self.run_dir / PREEMPTED)
-        raise Preempted(trainer.step, name, saved)
+            atomic_write_text(self.run_dir / PREEMPTED, json.dumps(marker) + "\n")
+        trainer.request_stop(f"preempted by {name} after step {trainer.step} ({'saved' if saved else 'not saved'})")

@@ -1,7 +1,7 @@
 """Stability callbacks: per-layer norms, residual variance, loss spikes, gradient variance.
 
-They run on every rank, add their values to the step's metrics (so metrics.jsonl and MLflow get
-them; they sit before the writers in the callback list), and keep their state across a resume.
+They run on every rank, record their values with `trainer.record_metric` (so metrics.jsonl and
+MLflow get them), and keep their state across a resume. Each takes the `diagnostics` section.
 The statistics themselves are in `mlra_mega.metrics.stability`.
 
 - `LayerNorms` (every `diagnostics.interval` steps): pre-clip gradient norm and parameter norm
@@ -25,19 +25,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mlra_mega.config import RunConfig
+from mlra_mega.config import DiagnosticsConfig
 from mlra_mega.metrics.stability import (SpikeDetector, grad_variance, group_of, moments, norms_by_group, spearman,
                                          sum_of_squares, variance_from_moments)
 from mlra_mega.metrics.tev import embedding_tev
-from mlra_mega.train.callbacks import Callback
+from mlra_mega.train.callbacks import Callback, Priority
+from mlra_mega.zero import gathered
 
 __all__ = ["GradVariance", "LayerNorms", "ResidualProbe", "SpikeMonitor", "stability_callbacks"]
-
-
-def _tp() -> tuple[int, Any]:
-    from megatron.core import parallel_state
-
-    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_group()
 
 
 def _sharded(p: torch.nn.Parameter) -> bool:
@@ -45,19 +40,18 @@ def _sharded(p: torch.nn.Parameter) -> bool:
 
 
 def _full_grad(p: torch.nn.Parameter) -> torch.Tensor:
-    from deepspeed.utils import safe_get_full_grad
+    from deepspeed.utils import safe_get_full_grad  # DeepSpeed is loaded: the engine is built
 
     g = safe_get_full_grad(p)
     return torch.zeros_like(p) if g is None else g
 
 
-def _end_step(cfg: RunConfig) -> int:
-    return cfg.train.stop_at or cfg.train.steps
-
-
 class LayerNorms(Callback):
-    def __init__(self, cfg: RunConfig) -> None:
-        self.interval, self.layers = cfg.diagnostics.interval, cfg.diagnostics.layers
+    priority = Priority.DIAGNOSTICS
+    name = "layer_norms"
+
+    def __init__(self, diagnostics: DiagnosticsConfig) -> None:
+        self.interval, self.layers = diagnostics.interval, diagnostics.layers
         self._grads: dict[str, float] = {}
 
     def _wanted(self, name: str) -> bool:
@@ -65,32 +59,32 @@ class LayerNorms(Callback):
         return self.layers is None or not group.startswith("layer_") or int(group[6:]) in self.layers
 
     def on_before_optimizer_step(self, trainer: Any) -> None:
-        if (trainer.step + 1) % self.interval:
+        if trainer.step % self.interval:
             return
-        tp_rank, tp_group = _tp()
+        ctx = trainer.ctx
         named = [(n, _full_grad(p), _sharded(p)) for n, p in trainer.model.named_parameters() if self._wanted(n)]
-        self._grads = norms_by_group(named, tp_rank, tp_group)
+        self._grads = norms_by_group(named, ctx.tp_rank, ctx.tp_group)
 
     def on_step_end(self, trainer: Any, metrics: Any) -> None:
         if metrics.step % self.interval:
             return
-        tp_rank, tp_group = _tp()
+        ctx = trainer.ctx
         params = [(n, p) for n, p in trainer.model.named_parameters() if self._wanted(n)]
-        if any(hasattr(p, "ds_id") for _, p in params):  # ZeRO-3: gather the partitions first
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
-                norms = norms_by_group([(n, p, _sharded(p)) for n, p in params], tp_rank, tp_group)
-        else:
-            norms = norms_by_group([(n, p, _sharded(p)) for n, p in params], tp_rank, tp_group)
-        metrics.extra.update({f"grad_norm/{k}": v for k, v in self._grads.items()})
-        metrics.extra.update({f"param_norm/{k}": v for k, v in norms.items()})
+        with gathered(p for _, p in params):
+            norms = norms_by_group([(n, p, _sharded(p)) for n, p in params], ctx.tp_rank, ctx.tp_group)
+        for k, v in self._grads.items():
+            trainer.record_metric(f"grad_norm/{k}", v)
+        for k, v in norms.items():
+            trainer.record_metric(f"param_norm/{k}", v)
 
 
 class ResidualProbe(Callback):
-    def __init__(self, cfg: RunConfig) -> None:
-        self.interval, self.layers = cfg.diagnostics.interval, cfg.diagnostics.layers
-        self.sequence_parallel = cfg.parallel.sequence_parallel
+    priority = Priority.DIAGNOSTICS
+    name = "residual_probe"
+
+    def __init__(self, diagnostics: DiagnosticsConfig, sequence_parallel: bool) -> None:
+        self.interval, self.layers = diagnostics.interval, diagnostics.layers
+        self.sequence_parallel = sequence_parallel
         self._moments: dict[tuple[str, int], torch.Tensor] = {}
         self._micro = -1  # the micro-batch the forward is on: the embedding runs once per micro-batch
         self._trainer: Any = None
@@ -99,14 +93,14 @@ class ResidualProbe(Callback):
     def _hook(self, key: str):
         def record(module: torch.nn.Module, args: Any, output: Any) -> None:
             t = self._trainer
-            if not module.training or (t.step + 1) % self.interval:  # not evaluation, not another step
+            if not module.training or t.step % self.interval:  # not evaluation, not another step
                 return
             if key == "layer_00":
                 self._micro += 1
             if (key, self._micro) in self._moments:  # activation checkpointing's recomputation
                 return
             hidden = output[0] if isinstance(output, tuple) else output
-            tp_rank, _ = _tp()
+            tp_rank = t.ctx.tp_rank
             m = moments(hidden)
             # Without sequence parallelism every TP rank holds the same hidden states: count them once.
             self._moments[key, self._micro] = m if (self.sequence_parallel or tp_rank == 0) else torch.zeros_like(m)
@@ -127,7 +121,8 @@ class ResidualProbe(Callback):
         stacked = torch.stack([sum(m for (k, _), m in self._moments.items() if k == key) for key in keys])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(stacked)  # every micro-batch of every data-parallel rank: the whole batch
-        metrics.extra.update({f"resid_var/{k}": variance_from_moments(m) for k, m in zip(keys, stacked.cpu())})
+        for k, m in zip(keys, stacked.cpu()):
+            trainer.record_metric(f"resid_var/{k}", variance_from_moments(m))
         self._moments, self._micro = {}, -1
 
     def on_fit_end(self, trainer: Any) -> None:
@@ -136,8 +131,11 @@ class ResidualProbe(Callback):
 
 
 class SpikeMonitor(Callback):
-    def __init__(self, cfg: RunConfig, log=print) -> None:
-        d = cfg.diagnostics
+    priority = Priority.DIAGNOSTICS
+    name = "spike_monitor"
+
+    def __init__(self, diagnostics: DiagnosticsConfig, log=print) -> None:
+        d = diagnostics
         self.detector = SpikeDetector(d.spike_window, d.spike_threshold, d.spike_min_history)
         self.tev_jump, self.min_history, self.log = d.tev_jump, d.spike_min_history, log
         self.prev_tev: float | None = None
@@ -147,7 +145,7 @@ class SpikeMonitor(Callback):
         before = self.detector.spikes
         score = self.detector.update(metrics.loss)
         if score is not None:
-            metrics.extra["loss_spike_score"] = score
+            trainer.record_metric("loss_spike_score", score)
         if self.detector.spikes > before:
             self.log(f"[stability] loss spike at step {metrics.step}: loss {metrics.loss:.4f}, z = {score:.1f} "
                      f"({self.detector.spikes} in this run)")
@@ -156,8 +154,8 @@ class SpikeMonitor(Callback):
             if prev and metrics.step > self.min_history and abs(metrics.tev_mean - prev) / prev > self.tev_jump:
                 self.tev_jumps += 1
                 self.log(f"[stability] TEV jump at step {metrics.step}: {prev:.5f} -> {metrics.tev_mean:.5f}")
-        metrics.extra["loss_spikes"] = self.detector.spikes
-        metrics.extra["tev_jumps"] = self.tev_jumps
+        trainer.record_metric("loss_spikes", self.detector.spikes)
+        trainer.record_metric("tev_jumps", self.tev_jumps)
 
     def state_dict(self) -> dict[str, Any]:
         return {"detector": self.detector.state_dict(), "prev_tev": self.prev_tev, "tev_jumps": self.tev_jumps}
@@ -168,8 +166,11 @@ class SpikeMonitor(Callback):
 
 
 class GradVariance(Callback):
-    def __init__(self, cfg: RunConfig, log=print) -> None:
-        self.cfg, self.interval, self.log = cfg, cfg.diagnostics.grad_variance_interval, log
+    priority = Priority.DIAGNOSTICS
+    name = "grad_variance"
+
+    def __init__(self, diagnostics: DiagnosticsConfig, vocab_size: int, log=print) -> None:
+        self.interval, self.vocab_size, self.log = diagnostics.grad_variance_interval, vocab_size, log
         self.series: list[tuple[int, float, float]] = []  # (step, TEV mean, embedding gradient variance)
         self._micro = torch.zeros(2, dtype=torch.float64)  # sum over micro-batches of ||g_m||^2: all, embedding
         self._values: dict[str, float] = {}
@@ -177,30 +178,26 @@ class GradVariance(Callback):
 
     def _due(self) -> bool:
         t = self._trainer
-        return t.model.training and (t.step + 1) % self.interval == 0
+        return t.model.training and t.step % self.interval == 0
 
     def on_fit_start(self, trainer: Any) -> None:
         self._trainer = trainer
-        tp_rank, _ = _tp()
+        tp_rank = trainer.ctx.tp_rank
         scale = float(trainer.engine.gradient_accumulation_steps())  # DeepSpeed divides each loss by it
-        for name, p in trainer.model.named_parameters():
-            if not p.requires_grad or not (_sharded(p) or tp_rank == 0):
-                continue
-            slot = name == "embedding.word_embeddings.weight"
 
-            def watch(grad: torch.Tensor, slot: bool = slot) -> None:
-                if self._due():
-                    sq = sum_of_squares(grad).cpu() * scale * scale
-                    self._micro[0] += sq
-                    if slot:
-                        self._micro[1] += sq
+        def watch(name: str, p: torch.nn.Parameter, grad: torch.Tensor) -> None:
+            if (_sharded(p) or tp_rank == 0) and self._due():
+                sq = sum_of_squares(grad).cpu() * scale * scale
+                self._micro[0] += sq
+                if name == "embedding.word_embeddings.weight":
+                    self._micro[1] += sq
 
-            p.register_hook(watch)
+        trainer.step_object.add_grad_observer(watch)
 
     def on_before_optimizer_step(self, trainer: Any) -> None:
-        if (trainer.step + 1) % self.interval:
+        if trainer.step % self.interval:
             return
-        tp_rank, tp_group = _tp()
+        tp_rank, tp_group = trainer.ctx.tp_rank, trainer.ctx.tp_group
         mean_sq = torch.zeros(4, dtype=torch.float64)  # ||g_bar||^2 all, embedding; numel all, embedding
         for name, p in trainer.model.named_parameters():
             g = _full_grad(p)  # a collective under ZeRO-1: every rank, every parameter
@@ -220,20 +217,21 @@ class GradVariance(Callback):
 
     def on_step_end(self, trainer: Any, metrics: Any) -> None:
         if metrics.step % self.interval == 0 and self._values:
-            metrics.extra.update(self._values)
+            for k, v in self._values.items():
+                trainer.record_metric(k, v)
             tev = metrics.tev_mean
             if tev is None:
-                tev = embedding_tev(trainer.model, self.cfg.model.vocab_size, _tp()[1]).mean
+                tev = embedding_tev(trainer.model, self.vocab_size, trainer.ctx.tp_group).mean
             self.series.append((metrics.step, tev, self._values["grad_var_embedding"]))
             self._values = {}
-        if metrics.step == _end_step(self.cfg) and len(self.series) >= 3:
+        if metrics.step == trainer.end_step and len(self.series) >= 3:
             tev = [s[1] for s in self.series]
             var = [s[2] for s in self.series]
             raw = spearman(tev, var)
             diff = spearman([b - a for a, b in zip(tev, tev[1:])], [b - a for a, b in zip(var, var[1:])])
             for key, value in (("tev_gradvar_spearman", raw), ("tev_gradvar_spearman_diff", diff)):
                 if value is not None:
-                    metrics.extra[key] = value
+                    trainer.record_metric(key, value)
             self.log(f"[stability] Spearman of TEV mean with the embedding gradient variance over "
                      f"{len(self.series)} steps: {raw if raw is None else round(raw, 3)} raw, "
                      f"{diff if diff is None else round(diff, 3)} on first differences")
@@ -245,11 +243,12 @@ class GradVariance(Callback):
         self.series = [tuple(s) for s in state.get("series", [])]
 
 
-def stability_callbacks(cfg: RunConfig, log=print) -> list[Callback]:
-    """The stability callbacks this config turns on (the spike monitor always)."""
-    out: list[Callback] = [SpikeMonitor(cfg, log)]
-    if cfg.diagnostics.interval:
-        out += [LayerNorms(cfg), ResidualProbe(cfg)]
-    if cfg.diagnostics.grad_variance_interval:
-        out.append(GradVariance(cfg, log))
+def stability_callbacks(diagnostics: DiagnosticsConfig, *, sequence_parallel: bool, vocab_size: int,
+                        log=print) -> list[Callback]:
+    """The stability callbacks the `diagnostics` section turns on (the spike monitor always)."""
+    out: list[Callback] = [SpikeMonitor(diagnostics, log)]
+    if diagnostics.interval:
+        out += [LayerNorms(diagnostics), ResidualProbe(diagnostics, sequence_parallel)]
+    if diagnostics.grad_variance_interval:
+        out.append(GradVariance(diagnostics, vocab_size, log))
     return out

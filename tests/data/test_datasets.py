@@ -139,13 +139,11 @@ def test_bad_setups_are_clear_errors(dist1: None, tmp_path: Path, prefixes: list
 
 
 @dist_case(1, 2)
-def global_batches() -> dict[str, list[list[int]]]:
+def global_batches(root: str) -> dict[str, list[list[int]]]:
     """This rank's tokens of 3 global batches, at DP = world and at TP = world (DP = 1)."""
-    import os
-
     from mlra_mega import distributed
 
-    root = Path(os.environ["MLRA_TEST_DATASETS"])  # the parent's prefixes and tokenizer
+    root = Path(root)  # the parent's prefixes and tokenizer
     out = {}
     for tp in sorted({1, torch.distributed.get_world_size()}):
         ctx = distributed.setup(ParallelConfig(tensor=tp), seed=1)
@@ -160,13 +158,11 @@ def global_batches() -> dict[str, list[list[int]]]:
 
 
 @pytest.mark.slow
-def test_global_batches_do_not_depend_on_the_data_parallel_size(prefixes: list[str], tokenizer_dir: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_global_batches_do_not_depend_on_the_data_parallel_size(prefixes: list[str], tokenizer_dir: Path) -> None:
     root = Path(prefixes[0]).parent
     shutil.copytree(tokenizer_dir, root / "tok", dirs_exist_ok=True)
-    monkeypatch.setenv("MLRA_TEST_DATASETS", str(root))
-    (one,) = dist_result(__name__, 1, "global_batches")
-    r0, r1 = dist_result(__name__, 2, "global_batches")
+    (one,) = dist_result(__name__, 1, "global_batches", root=str(root))
+    r0, r1 = dist_result(__name__, 2, "global_batches", root=str(root))
     for step in range(3):
         assert r0["tp1"][step] + r1["tp1"][step] == one["tp1"][step]  # DP=2: the halves of the DP=1 batch
         assert r0["tp2"][step] == r1["tp2"][step] == one["tp1"][step]  # TP=2, DP=1: both ranks see it all

@@ -206,6 +206,14 @@ def test_server_down_at_the_end_leaves_a_buffer_that_sync_sends(
     _check_exactly_once(server.uri, run_dir, 120)
 
 
+def _logger(cfg, run_dir: Path):
+    from mlra_mega.config import flatten, public_dict
+    from mlra_mega.tracking.mlflow import MLflowLogger
+
+    return MLflowLogger(cfg.tracking, run_dir, params=flatten(public_dict(cfg)), runs_root=cfg.run.root,
+                        zero_stage=cfg.zero.stage)
+
+
 class _Unreachable:
     """An MlflowClient whose server never answers."""
 
@@ -218,16 +226,15 @@ def test_the_final_flush_keeps_records_the_sender_has_in_hand(tmp_path: Path) ->
     the final flush must put those on disk too, before on_fit_end returns (a process may exit then)."""
     from types import SimpleNamespace
 
-    from mlra_mega.tracking.mlflow import MLflowLogger
-
     cfg = load_config(overrides=["train.steps=400", "tracking.final_flush_s=0.3"])
-    logger = MLflowLogger(cfg, tmp_path)
+    logger = _logger(cfg, tmp_path)
     logger._client, logger.run_id = _Unreachable(), "run"
-    trainer = SimpleNamespace(step=0, ctx=SimpleNamespace(is_main=True, tp_size=1, dp_size=1, world_size=1))
+    trainer = SimpleNamespace(step=0, total_steps=cfg.train.steps,
+                              ctx=SimpleNamespace(is_main=True, tp_size=1, dp_size=1, world_size=1))
     logger.on_fit_start(trainer)
     for step in range(1, 401):
         trainer.step = step
-        logger.on_step_end(trainer, SimpleNamespace(step=step, as_dict=lambda s=step: {"step": s, "loss": 1.0}))
+        logger.on_metrics(trainer, step, {"step": step, "loss": 1.0})
         time.sleep(0.003)
     logger.on_fit_end(trainer)
     buffered = [json.loads(x)["step"] for x in (tmp_path / "mlflow-buffer.jsonl").read_text().splitlines()]
@@ -257,17 +264,16 @@ def test_records_go_out_in_one_batch_per_send_interval(tmp_path: Path, interval:
     end, which does not wait for the interval); every point is sent once either way."""
     from types import SimpleNamespace
 
-    from mlra_mega.tracking.mlflow import MLflowLogger
-
     cfg = load_config(overrides=["train.steps=100", f"tracking.send_interval_s={interval}"])
-    logger, client = MLflowLogger(cfg, tmp_path), _Recorder()
+    logger, client = _logger(cfg, tmp_path), _Recorder()
     logger._client, logger.run_id = client, "run"
-    trainer = SimpleNamespace(step=0, ctx=SimpleNamespace(is_main=True, tp_size=1, dp_size=1, world_size=1))
+    trainer = SimpleNamespace(step=0, total_steps=cfg.train.steps,
+                              ctx=SimpleNamespace(is_main=True, tp_size=1, dp_size=1, world_size=1))
     logger.on_fit_start(trainer)
     start = time.monotonic()
     for step in range(1, 101):
         trainer.step = step
-        logger.on_step_end(trainer, SimpleNamespace(step=step, as_dict=lambda s=step: {"step": s, "loss": 1.0}))
+        logger.on_metrics(trainer, step, {"step": step, "loss": 1.0})
         time.sleep(0.01)
     logger.on_fit_end(trainer)
     assert time.monotonic() - start < 4, "the end of the run must not wait out the send interval"
@@ -300,8 +306,10 @@ from mlra_mega.train.callbacks import Callback
 from mlra_mega.train.run import train
 
 class Crash(Callback):
-    def on_step_end(self, trainer, metrics):
-        if metrics.step == 8:
+    priority = -2000  # after the writers: step 8 is written and queued for MLflow
+
+    def on_metrics(self, trainer, step, metrics):
+        if step == 8:
             time.sleep(2)  # the sender thread gets steps 6-8 out
             os._exit(1)
 

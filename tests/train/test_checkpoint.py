@@ -80,7 +80,7 @@ def test_resumed_run_is_one_mlflow_run_with_every_step_once(resumed_runs) -> Non
         assert sorted(m.step for m in history) == list(range(1, 11)), key
     loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
     assert loss == {r["step"]: r["loss"] for r in steps(resumed)}
-    assert read_sidecar(find_checkpoint(resumed))["callbacks"]["MLflowLogger"]["run_id"] == run.info.run_id
+    assert read_sidecar(find_checkpoint(resumed))["callbacks"]["mlflow"]["run_id"] == run.info.run_id
     assert run.data.params["model.attention"] == "mlra" and run.data.tags["layout"] == "tp2xdp2"
 
 

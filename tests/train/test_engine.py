@@ -20,6 +20,7 @@ import pytest
 from mlra_mega.config import ConfigError, load_config
 from mlra_mega.train.engine import deepspeed_config, lr_factor
 from mlra_mega.train.run import validate_layout
+from tests.conftest import TrainData, train_data
 from tests.dist import dist_case, dist_result
 
 pytestmark = pytest.mark.slow  # every test here launches processes
@@ -44,35 +45,30 @@ REL = 1e-5
 BF16_REL = 2e-2
 
 
-def _overrides(extra: list[str]) -> list[str]:
-    env = json.loads(os.environ["MLRA_TEST_ENGINE"])
-    return [*BASE, f"data.tokenizer={env['tokenizer']}", f"data.paths=[{env['dataset']}]",
-            f"run.root={env['runs']}", *extra]
+def _overrides(data: TrainData, extra: list[str]) -> list[str]:
+    return [*BASE, *data.overrides(), *extra]
 
 
-def _train(extra: list[str], callbacks=()) -> dict:
+def _train(data: TrainData, extra: list[str], callbacks=()) -> dict:
     from mlra_mega.train.run import train
 
-    history, _ = train(load_config(None, _overrides(extra)), callbacks, log=lambda s: None)
+    history, _ = train(load_config(None, _overrides(data, extra)), callbacks, log=lambda s: None)
     return {"loss": [m.loss for m in history], "grad_norm": [m.grad_norm for m in history],
             "tev": [m.tev_mean for m in history if m.tev_mean is not None]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def engine_env(tokenizer_dir: Path, sample_dataset: str, tmp_path_factory: pytest.TempPathFactory):
-    os.environ["MLRA_TEST_ENGINE"] = json.dumps({"tokenizer": str(tokenizer_dir), "dataset": sample_dataset,
-                                                 "runs": str(tmp_path_factory.mktemp("runs"))})
-    yield
-    del os.environ["MLRA_TEST_ENGINE"]
+@pytest.fixture(scope="module")
+def data(tokenizer_dir: Path, sample_dataset: str, tmp_path_factory: pytest.TempPathFactory) -> TrainData:
+    return train_data(tokenizer_dir, sample_dataset, tmp_path_factory, "runs")
 
 
 @dist_case(1)
-def reference() -> dict:
-    return _train(["zero.stage=0"])
+def reference(data: TrainData) -> dict:
+    return _train(data, ["zero.stage=0"])
 
 
 @dist_case(4)
-def tp2_dp2() -> dict:
+def tp2_dp2(data: TrainData) -> dict:
     from mlra_mega.train.callbacks import Callback
 
     class Dtype(Callback):
@@ -82,7 +78,7 @@ def tp2_dp2() -> dict:
     out = {}
     for name, extra in LAYOUTS.items():
         probe = Dtype()
-        out[name] = _train([*extra, "parallel.tensor=2"], [probe])
+        out[name] = _train(data, [*extra, "parallel.tensor=2"], [probe])
         out[name]["dtype"] = probe.dtype
     return out
 
@@ -101,9 +97,9 @@ def _check(run: dict, ref: dict, tol: float, grad_tol: float | None = None) -> N
 
 
 @pytest.mark.parametrize("layout", [k for k in LAYOUTS if k != "bf16"])
-def test_tp2_dp2_matches_one_process(layout: str) -> None:
-    (ref,) = dist_result(__name__, 1, "reference")
-    runs = dist_result(__name__, 4, "tp2_dp2")
+def test_tp2_dp2_matches_one_process(layout: str, data: TrainData) -> None:
+    (ref,) = dist_result(__name__, 1, "reference", data=data)
+    runs = dist_result(__name__, 4, "tp2_dp2", data=data)
     for rank_runs in runs:
         run = rank_runs[layout]
         _check(run, ref, REL)
@@ -112,16 +108,16 @@ def test_tp2_dp2_matches_one_process(layout: str) -> None:
         assert len(run["tev"]) == 2 and all(_rel(a, b) <= REL for a, b in zip(run["tev"], ref["tev"]))
 
 
-def test_bf16_tracks_fp32() -> None:
-    (ref,) = dist_result(__name__, 1, "reference")
-    run = dist_result(__name__, 4, "tp2_dp2")[0]["bf16"]
+def test_bf16_tracks_fp32(data: TrainData) -> None:
+    (ref,) = dist_result(__name__, 1, "reference", data=data)
+    run = dist_result(__name__, 4, "tp2_dp2", data=data)[0]["bf16"]
     assert run["dtype"] == "torch.bfloat16"
     assert max(_rel(a, b) for a, b in zip(run["loss"], ref["loss"])) <= BF16_REL
     assert all(g > CLIP for g in run["grad_norm"])
 
 
 @dist_case(1)
-def fused_adamw() -> dict:
+def fused_adamw(data: TrainData) -> dict:
     from mlra_mega.train.callbacks import Callback
 
     class Fused(Callback):
@@ -129,20 +125,20 @@ def fused_adamw() -> dict:
             self.fused = trainer.engine.basic_optimizer.defaults["fused"]
 
     probe = Fused()
-    out = _train(["zero.stage=1", "optim.fused=true"], [probe])
+    out = _train(data, ["zero.stage=1", "optim.fused=true"], [probe])
     out["fused"] = probe.fused
     return out
 
 
-def test_fused_adamw_is_used_and_trains_like_the_for_each_one() -> None:
-    (ref,) = dist_result(__name__, 1, "reference")
-    (run,) = dist_result(__name__, 1, "fused_adamw")
+def test_fused_adamw_is_used_and_trains_like_the_for_each_one(data: TrainData) -> None:
+    (ref,) = dist_result(__name__, 1, "reference", data=data)
+    (run,) = dist_result(__name__, 1, "fused_adamw", data=data)
     assert run["fused"] is True
     _check(run, ref, REL)
 
 
 @dist_case(2)
-def optimizer_state() -> dict:
+def optimizer_state(data: TrainData) -> dict:
     """exp_avg / exp_avg_sq elements on this rank at DP=2, and what the layout predicts."""
     from mlra_mega.train.callbacks import Callback
 
@@ -160,15 +156,15 @@ def optimizer_state() -> dict:
     out = {}
     for stage in (1, 2, 3):
         grab = Grab()
-        _train([f"zero.stage={stage}", "train.steps=1", "model.ffn_hidden_size=101"], [grab])
+        _train(data, [f"zero.stage={stage}", "train.steps=1", "model.ffn_hidden_size=101"], [grab])
         out[stage] = {"state": grab.state, "groups": grab.groups, "per_param": grab.per_param}
     return out
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_shards_optimizer_state_over_dp(stage: int) -> None:
+def test_zero_shards_optimizer_state_over_dp(stage: int, data: TrainData) -> None:
     dp = 2
-    for rank in dist_result(__name__, 2, "optimizer_state"):
+    for rank in dist_result(__name__, 2, "optimizer_state", data=data):
         got = rank[stage]
         total = sum(got["per_param"])
         if stage < 3:
@@ -183,7 +179,7 @@ def test_zero_shards_optimizer_state_over_dp(stage: int) -> None:
 
 
 @dist_case(2)
-def tev_at_tp2() -> tuple[list[float], list[float]]:
+def tev_at_tp2(data: TrainData) -> tuple[list[float], list[float]]:
     """TEV the trainer records at TP=2 vs TEV of the gathered full embedding, same steps."""
     from mlra_mega.metrics.tev import compute_tev
     from mlra_mega.model.convert import full_state_dict
@@ -197,24 +193,24 @@ def tev_at_tp2() -> tuple[list[float], list[float]]:
             if m.tev_mean is not None:
                 full = full_state_dict(trainer.model)["embedding.word_embeddings.weight"]
                 self.recorded.append(m.tev_mean)
-                self.gathered.append(compute_tev(full, trainer.cfg.model.vocab_size).mean)
+                self.gathered.append(compute_tev(full, trainer.model_cfg.vocab_size).mean)
 
     probe = Gathered()
-    _train(["zero.stage=1", "parallel.tensor=2", "metrics.tev_interval=2", "train.steps=4"], [probe])
+    _train(data, ["zero.stage=1", "parallel.tensor=2", "metrics.tev_interval=2", "train.steps=4"], [probe])
     return probe.recorded, probe.gathered
 
 
-def test_tev_at_tp2_equals_tev_of_the_gathered_embedding() -> None:
-    for recorded, gathered in dist_result(__name__, 2, "tev_at_tp2"):
+def test_tev_at_tp2_equals_tev_of_the_gathered_embedding(data: TrainData) -> None:
+    for recorded, gathered in dist_result(__name__, 2, "tev_at_tp2", data=data):
         assert len(recorded) == 2
         assert all(_rel(a, b) <= 1e-9 for a, b in zip(recorded, gathered))
 
 
-def test_deepspeed_launcher(tmp_path: Path) -> None:
-    (ref,) = dist_result(__name__, 1, "reference")
+def test_deepspeed_launcher(tmp_path: Path, data: TrainData) -> None:
+    (ref,) = dist_result(__name__, 1, "reference", data=data)
     run_dir = tmp_path / "run"
     cmd = ["deepspeed", "--num_gpus", "2", str(REPO / "launchers" / "train.py"), str(REPO / "configs" / "quickstart.yaml"),
-           *_overrides(["zero.stage=1", "parallel.tensor=2", f"run.dir={run_dir}", "metrics.tev_interval=4"])]
+           *_overrides(data, ["zero.stage=1", "parallel.tensor=2", f"run.dir={run_dir}", "metrics.tev_interval=4"])]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -273,12 +269,13 @@ def test_deepspeed_config_template_and_ours_win(tmp_path: Path) -> None:
                                     "gradient_clipping": 7.0, "wall_clock_breakdown": True}))
     cfg = load_config(None, [f"zero.template={template}", "zero.stage=2", "train.global_batch_size=16",
                              "train.micro_batch_size=2", "optim.clip_grad=0.5"])
-    ds = deepspeed_config(cfg, dp_size=4)
+    ds = deepspeed_config(cfg.train, cfg.optim, cfg.zero, dp_size=4)
     assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 2
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}  # template fields we do not model stay
     assert ds["gradient_clipping"] == 0.5 and ds["wall_clock_breakdown"] is True
     for name in ("zero1", "zero2", "zero3"):
         shipped = load_config(None, [f"zero.template={REPO / 'ds_configs' / (name + '.json')}"])
-        assert deepspeed_config(shipped, 1)["zero_optimization"]["stage"] == shipped.zero.stage
+        assert deepspeed_config(shipped.train, shipped.optim, shipped.zero, 1)["zero_optimization"]["stage"] == shipped.zero.stage
     with pytest.raises(ConfigError, match="zero.template: .* not found"):
-        deepspeed_config(load_config(None, ["zero.template=/nope.json"]), 1)
+        bad = load_config(None, ["zero.template=/nope.json"])
+        deepspeed_config(bad.train, bad.optim, bad.zero, 1)

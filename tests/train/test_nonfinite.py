@@ -5,7 +5,6 @@ counted, and with rollback enabled a persistent run of them sends the run back t
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from mlra_mega.config import ConfigError, load_config
 from mlra_mega.train.callbacks import Callback
 from mlra_mega.train.checkpoint import model_shard
 from mlra_mega.train.nonfinite import NanDrill, drill_from
+from tests.conftest import TrainData, train_data
 from tests.dist import dist_case, dist_result
 
 pytestmark = pytest.mark.slow  # every test here launches processes
@@ -26,23 +26,18 @@ BASE = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "mode
         "eval.interval=0", "tracking.enabled=false", "checkpoint.keep=20"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def nonfinite_env(tokenizer_dir: Path, sample_dataset: str, tmp_path_factory: pytest.TempPathFactory):
-    os.environ["MLRA_TEST_NONFINITE"] = json.dumps({"tokenizer": str(tokenizer_dir), "dataset": sample_dataset,
-                                                    "runs": str(tmp_path_factory.mktemp("nonfinite"))})
-    yield
-    del os.environ["MLRA_TEST_NONFINITE"]
+@pytest.fixture(scope="module")
+def data(tokenizer_dir: Path, sample_dataset: str, tmp_path_factory: pytest.TempPathFactory) -> TrainData:
+    return train_data(tokenizer_dir, sample_dataset, tmp_path_factory, "nonfinite")
 
 
-def _run(name: str, extra: list[str], callbacks=()) -> tuple[list, Path, list[str]]:
+def _run(data: TrainData, name: str, extra: list[str], callbacks=()) -> tuple[list, Path, list[str]]:
     import torch.distributed as dist
 
     from mlra_mega.train.run import train
 
-    env = json.loads(os.environ["MLRA_TEST_NONFINITE"])
-    run_dir = Path(env["runs"]) / name
-    cfg = load_config(None, [*BASE, f"data.tokenizer={env['tokenizer']}", f"data.paths=[{env['dataset']}]",
-                             f"run.root={env['runs']}", f"run.dir={run_dir}", *extra])
+    run_dir = Path(data.runs) / name
+    cfg = load_config(None, [*BASE, *data.overrides(), f"run.dir={run_dir}", *extra])
     lines: list[str] = []
     history, _ = train(cfg, callbacks, log=lines.append)
     dist.barrier()
@@ -60,11 +55,11 @@ class _Params(Callback):
 
 
 @dist_case(2)
-def skip_at_every_stage() -> dict:
+def skip_at_every_stage(data: TrainData) -> dict:
     out = {}
     for name, extra in STAGES.items():
         params = _Params()
-        history, run_dir, lines = _run(name, [*extra, "train.steps=4", "faults.inject_nan_step=3",
+        history, run_dir, lines = _run(data, name, [*extra, "train.steps=4", "faults.inject_nan_step=3",
                                               "faults.inject_nan_rank=1"], [params])
         p2, p3, p4 = (params.by_step[s] for s in (2, 3, 4))
         out[name] = {"unchanged_by_3": all(torch.equal(p2[k], p3[k]) for k in p2),
@@ -77,39 +72,39 @@ def skip_at_every_stage() -> dict:
 
 
 @dist_case(2)
-def clean_reference() -> dict:
-    history, _, _ = _run("clean", ["zero.stage=1", "train.steps=4"])
+def clean_reference(data: TrainData) -> dict:
+    history, _, _ = _run(data, "clean", ["zero.stage=1", "train.steps=4"])
     return {"lr": [m.lr for m in history], "loss": [m.loss for m in history]}
 
 
 @dist_case(2)
-def rollback() -> dict:
+def rollback(data: TrainData) -> dict:
     # Checkpoints every 2 steps but not on a skipped one; 5 and 6 poisoned: two skips in a row -> back to 4.
-    history, run_dir, lines = _run("rollback", ["zero.stage=2", "train.steps=8", "checkpoint.interval=2",
+    history, run_dir, lines = _run(data, "rollback", ["zero.stage=2", "train.steps=8", "checkpoint.interval=2",
                                                 "train.max_consecutive_skips=2", "faults.inject_nan_step=5",
                                                 "faults.inject_nan_count=2", "faults.inject_nan_rank=0"])
     return {"steps": [m.step for m in history], "loss": [m.loss for m in history],
             "consumed": [m.consumed_samples for m in history], "lines": lines,
             "file": [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()],
             "sidecar_rollbacks": torch.load(run_dir / "checkpoints" / "step00000008" / "sidecar.pt",
-                                            weights_only=True)["callbacks"]["NonFiniteGuard"]}
+                                            weights_only=True)["nonfinite"]}
 
 
 @dist_case(2)
-def rollback_without_checkpoint() -> str:
+def rollback_without_checkpoint(data: TrainData) -> str:
     from mlra_mega.errors import MlraMegaError
 
     try:
-        _run("no_ckpt", ["train.steps=6", "train.max_consecutive_skips=1", "faults.inject_nan_step=2"])
+        _run(data, "no_ckpt", ["train.steps=6", "train.max_consecutive_skips=1", "faults.inject_nan_step=2"])
     except MlraMegaError as exc:
         return str(exc)
     return "no error"
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
-def test_poisoned_step_is_skipped_on_every_rank(stage: str) -> None:
-    (clean, _) = dist_result(__name__, 2, "clean_reference")
-    for rank, runs in enumerate(dist_result(__name__, 2, "skip_at_every_stage")):
+def test_poisoned_step_is_skipped_on_every_rank(stage: str, data: TrainData) -> None:
+    (clean, _) = dist_result(__name__, 2, "clean_reference", data=data)
+    for rank, runs in enumerate(dist_result(__name__, 2, "skip_at_every_stage", data=data)):
         run = runs[stage]
         assert run["unchanged_by_3"], "the skipped step changed the parameters"
         assert run["moved_by_4"], "training did not go on after the skipped step"
@@ -124,20 +119,20 @@ def test_poisoned_step_is_skipped_on_every_rank(stage: str) -> None:
             assert [r.get("skipped") for r in run["file"]] == [None, None, 1, None]
 
 
-def test_rollback_after_consecutive_skips_recovers() -> None:
-    for out in dist_result(__name__, 2, "rollback"):
+def test_rollback_after_consecutive_skips_recovers(data: TrainData) -> None:
+    for out in dist_result(__name__, 2, "rollback", data=data):
         # 1..6 (5 and 6 skipped), back to 4, then 5..8 again on fresh batches.
         assert out["steps"] == [1, 2, 3, 4, 5, 6, 7, 8]
         assert out["consumed"] == [8 * s for s in (1, 2, 3, 4, 7, 8, 9, 10)]
         assert all(torch.isfinite(torch.tensor(out["loss"])))
         assert out["sidecar_rollbacks"] == {"skipped_total": 2, "rollbacks": 1}
-    main = dist_result(__name__, 2, "rollback")[0]
+    main = dist_result(__name__, 2, "rollback", data=data)[0]
     assert main["file"] == [1, 2, 3, 4, 5, 6, 7, 8], "metrics.jsonl keeps each step once, the redone ones"
     assert any("rolled back from step 6" in line and "step00000004" in line for line in main["lines"])
 
 
-def test_rollback_without_a_checkpoint_says_what_to_do() -> None:
-    for message in dist_result(__name__, 2, "rollback_without_checkpoint"):
+def test_rollback_without_a_checkpoint_says_what_to_do(data: TrainData) -> None:
+    for message in dist_result(__name__, 2, "rollback_without_checkpoint", data=data):
         assert "no checkpoint to roll back to" in message and "checkpoint.interval" in message
 
 

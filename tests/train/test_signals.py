@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from mlra_mega.train.signals import PREEMPTED, Preempted, PreemptionGuard, install_handlers, restore_handlers
+from mlra_mega.train.signals import PREEMPTED, PreemptionGuard, install_handlers, restore_handlers
 from tests.dist import dist_case, dist_result
 from tests.train.test_checkpoint import overrides, steps
 
@@ -104,26 +104,31 @@ class _Saver:
 def _trainer() -> SimpleNamespace:
     import torch
 
-    return SimpleNamespace(step=7, ctx=SimpleNamespace(device=torch.device("cpu"), is_main=True))
+    trainer = SimpleNamespace(step=7, ctx=SimpleNamespace(device=torch.device("cpu"), is_main=True), stop_reason=None)
+    trainer.request_stop = lambda reason: setattr(trainer, "stop_reason", reason)
+    return trainer
 
 
 def test_sigterm_skips_a_save_that_cannot_finish_in_time(tmp_path: Path) -> None:
     previous = install_handlers()
     try:
         guard = PreemptionGuard(tmp_path, _Saver(last_save_s=45.0), sigterm_save_s=20.0)
-        guard.on_step_end(_trainer(), None)  # no signal: nothing happens
+        calm = _trainer()
+        guard.on_step_end(calm, None)  # no signal: nothing happens
+        assert calm.stop_reason is None
         os.kill(os.getpid(), signal.SIGTERM)
-        with pytest.raises(Preempted) as info:
-            guard.on_step_end(_trainer(), None)
-        assert not info.value.saved and guard.checkpointer.saves == 0
+        trainer = _trainer()
+        guard.on_step_end(trainer, None)
+        assert trainer.stop_reason == "preempted by SIGTERM after step 7 (not saved)"
+        assert guard.checkpointer.saves == 0
         assert json.loads((tmp_path / PREEMPTED).read_text())["saved"] is False
 
         install_handlers()
         fast = PreemptionGuard(tmp_path, _Saver(last_save_s=3.0), sigterm_save_s=20.0)
         os.kill(os.getpid(), signal.SIGTERM)
-        with pytest.raises(Preempted) as info:
-            fast.on_step_end(_trainer(), None)
-        assert info.value.saved and fast.checkpointer.saves == 1
+        trainer = _trainer()
+        fast.on_step_end(trainer, None)
+        assert trainer.stop_reason == "preempted by SIGTERM after step 7 (saved)" and fast.checkpointer.saves == 1
     finally:
         restore_handlers(previous)
 

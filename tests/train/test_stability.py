@@ -5,8 +5,6 @@ gradient; callback states reach the checkpoint; ZeRO-2 is refused for the gradie
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import torch
 
 from mlra_mega.config import ConfigError, load_config
 from mlra_mega.train.callbacks import Callback
+from tests.conftest import TrainData, train_data
 from tests.dist import dist_case, dist_result
 
 pytestmark = pytest.mark.slow  # every test here launches processes
@@ -24,21 +23,16 @@ BASE = ["model.num_layers=3", "model.hidden_size=64", "model.num_heads=4", "mode
 REL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def stability_env(tokenizer_dir: Path, sample_dataset: str, tmp_path_factory: pytest.TempPathFactory):
-    os.environ["MLRA_TEST_STABILITY"] = json.dumps({"tokenizer": str(tokenizer_dir), "dataset": sample_dataset,
-                                                    "runs": str(tmp_path_factory.mktemp("stability"))})
-    yield
-    del os.environ["MLRA_TEST_STABILITY"]
+@pytest.fixture(scope="module")
+def data(tokenizer_dir: Path, sample_dataset: str, tmp_path_factory: pytest.TempPathFactory) -> TrainData:
+    return train_data(tokenizer_dir, sample_dataset, tmp_path_factory, "stability")
 
 
-def _run(name: str, extra: list[str], callbacks=()) -> dict:
+def _run(data: TrainData, name: str, extra: list[str], callbacks=()) -> dict:
     from mlra_mega.train.run import train
 
-    env = json.loads(os.environ["MLRA_TEST_STABILITY"])
-    run_dir = Path(env["runs"]) / name
-    cfg = load_config(None, [*BASE, f"data.tokenizer={env['tokenizer']}", f"data.paths=[{env['dataset']}]",
-                             f"run.root={env['runs']}", f"run.dir={run_dir}", *extra])
+    run_dir = Path(data.runs) / name
+    cfg = load_config(None, [*BASE, *data.overrides(), f"run.dir={run_dir}", *extra])
     history, _ = train(cfg, callbacks, log=lambda s: None)
     out = {m.step: {k: v for k, v in m.extra.items() if "/" in k or k.startswith("grad_var")} for m in history}
     sidecar = torch.load(run_dir / "checkpoints" / "step00000004" / "sidecar.pt", weights_only=True)
@@ -63,7 +57,7 @@ class MicroGrads(Callback):
         def backward(loss, **kw):
             self.current = {}
             out = original(loss, **kw)
-            self.by_step.setdefault(trainer.step + 1, []).append(self.current)
+            self.by_step.setdefault(trainer.step, []).append(self.current)
             return out
 
         trainer.engine.backward = backward
@@ -75,25 +69,25 @@ def _variance_by_definition(micro: list[dict[str, torch.Tensor]], names: list[st
 
 
 @dist_case(1)
-def one_process() -> dict:
+def one_process(data: TrainData) -> dict:
     grads = MicroGrads()
-    out = _run("tp1", ["zero.stage=0", "diagnostics.grad_variance_interval=2"], [grads])
+    out = _run(data, "tp1", ["zero.stage=0", "diagnostics.grad_variance_interval=2"], [grads])
     names = list(grads.current)
     out["by_definition"] = {s: {"grad_var": _variance_by_definition(m, names),
                                 "grad_var_embedding": _variance_by_definition(m, ["embedding.word_embeddings.weight"])}
                             for s, m in grads.by_step.items() if s % 2 == 0}
     out["micro_batches"] = {s: len(m) for s, m in grads.by_step.items()}
-    out["subset"] = _run("subset", ["zero.stage=0", "diagnostics.layers=[1]"])["extra"][2]
+    out["subset"] = _run(data, "subset", ["zero.stage=0", "diagnostics.layers=[1]"])["extra"][2]
     return out
 
 
 @dist_case(2)
-def two_processes() -> dict:
-    return {"tp2": _run("tp2", ["parallel.tensor=2", "zero.stage=1", "diagnostics.grad_variance_interval=2"]),
-            "tp2_sp": _run("tp2sp", ["parallel.tensor=2", "zero.stage=1", "parallel.sequence_parallel=true"]),
-            "dp2_zero3": _run("dp2z3", ["zero.stage=3"]),
-            "tp2_recompute": _run("tp2ac", ["parallel.tensor=2", "zero.stage=2", "train.activation_checkpointing=true"]),
-            "dp2_zero1": _run("dp2z1", ["zero.stage=1", "diagnostics.grad_variance_interval=2"])}
+def two_processes(data: TrainData) -> dict:
+    return {"tp2": _run(data, "tp2", ["parallel.tensor=2", "zero.stage=1", "diagnostics.grad_variance_interval=2"]),
+            "tp2_sp": _run(data, "tp2sp", ["parallel.tensor=2", "zero.stage=1", "parallel.sequence_parallel=true"]),
+            "dp2_zero3": _run(data, "dp2z3", ["zero.stage=3"]),
+            "tp2_recompute": _run(data, "tp2ac", ["parallel.tensor=2", "zero.stage=2", "train.activation_checkpointing=true"]),
+            "dp2_zero1": _run(data, "dp2z1", ["zero.stage=1", "diagnostics.grad_variance_interval=2"])}
 
 
 def _close(run: dict, ref: dict, keys_from: dict) -> None:
@@ -103,8 +97,8 @@ def _close(run: dict, ref: dict, keys_from: dict) -> None:
                                                                                        ref[step][key])
 
 
-def test_grad_variance_is_its_definition() -> None:
-    (ref,) = dist_result(__name__, 1, "one_process")
+def test_grad_variance_is_its_definition(data: TrainData) -> None:
+    (ref,) = dist_result(__name__, 1, "one_process", data=data)
     assert set(ref["micro_batches"].values()) == {4}
     for step, expected in ref["by_definition"].items():
         for key, value in expected.items():
@@ -112,13 +106,13 @@ def test_grad_variance_is_its_definition() -> None:
 
 
 @pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "dp2_zero3", "dp2_zero1", "tp2_recompute"])
-def test_diagnostics_match_one_process(layout: str) -> None:
-    (ref,) = dist_result(__name__, 1, "one_process")
+def test_diagnostics_match_one_process(layout: str, data: TrainData) -> None:
+    (ref,) = dist_result(__name__, 1, "one_process", data=data)
     expected_keys = {f"{kind}/{g}" for kind in ("grad_norm", "param_norm")
                      for g in ("embedding", "layer_00", "layer_01", "layer_02", "final_norm")}
     expected_keys |= {f"resid_var/layer_{i:02d}" for i in range(4)}
     assert set(ref["extra"][2]) >= expected_keys and not ref["extra"][1]
-    for rank_out in dist_result(__name__, 2, "two_processes"):
+    for rank_out in dist_result(__name__, 2, "two_processes", data=data):
         run = rank_out[layout]["extra"]
         keys = {s: {k: v for k, v in vals.items() if layout in ("tp2", "dp2_zero1") or not k.startswith("grad_var")}
                 for s, vals in run.items()}
@@ -126,11 +120,11 @@ def test_diagnostics_match_one_process(layout: str) -> None:
         _close(run, ref["extra"], keys)
 
 
-def test_states_reach_the_checkpoint() -> None:
-    (ref,) = dist_result(__name__, 1, "one_process")
+def test_states_reach_the_checkpoint(data: TrainData) -> None:
+    (ref,) = dist_result(__name__, 1, "one_process", data=data)
     states = ref["states"]
-    assert [s[0] for s in states["GradVariance"]["series"]] == [2, 4]
-    assert len(states["SpikeMonitor"]["detector"]["history"]) == 4
+    assert [s[0] for s in states["grad_variance"]["series"]] == [2, 4]
+    assert len(states["spike_monitor"]["detector"]["history"]) == 4
 
 
 def test_grad_variance_is_refused_where_gradients_are_already_reduced() -> None:
@@ -138,8 +132,8 @@ def test_grad_variance_is_refused_where_gradients_are_already_reduced() -> None:
         load_config(None, ["zero.stage=2", "diagnostics.grad_variance_interval=10"])
 
 
-def test_a_layer_subset_reports_only_those_layers() -> None:
-    (ref,) = dist_result(__name__, 1, "one_process")
+def test_a_layer_subset_reports_only_those_layers(data: TrainData) -> None:
+    (ref,) = dist_result(__name__, 1, "one_process", data=data)
     keys = set(ref["subset"])
     assert {"grad_norm/layer_01", "param_norm/layer_01", "grad_norm/embedding", "grad_norm/final_norm"} <= keys
     assert not {"grad_norm/layer_00", "grad_norm/layer_02", "param_norm/layer_02"} & keys
@@ -155,13 +149,14 @@ def test_spike_monitor_counts_tev_jumps_and_spikes() -> None:
 
     cfg = load_config(None, ["diagnostics.spike_min_history=3", "diagnostics.tev_jump=0.1"])
     said: list[str] = []
-    monitor = SpikeMonitor(cfg, log=said.append)
+    monitor = SpikeMonitor(cfg.diagnostics, log=said.append)
     series = [(2.0, 1.0), (2.01, 1.01), (1.99, 1.02), (2.0, 1.03), (2.02, 1.3), (9.0, 1.31)]
     extras = []
     for step, (loss, tev) in enumerate(series, 1):
-        m = SimpleNamespace(step=step, loss=loss, tev_mean=tev, extra={})
-        monitor.on_step_end(None, m)
-        extras.append(m.extra)
+        recorded: dict[str, float] = {}
+        trainer = SimpleNamespace(record_metric=recorded.__setitem__)
+        monitor.on_step_end(trainer, SimpleNamespace(step=step, loss=loss, tev_mean=tev))
+        extras.append(recorded)
     assert extras[-1]["tev_jumps"] == 1 and extras[-1]["loss_spikes"] == 1
     assert any("TEV jump at step 5" in x for x in said) and any("loss spike at step 6" in x for x in said)
     assert "loss_spike_score" not in extras[2] and extras[-1]["loss_spike_score"] > 6

@@ -1,0 +1,191 @@
+"""One optimizer step over one global batch: the math of a step, apart from the trainer's bookkeeping.
+
+`TrainStep` is the one thing that knows how a step is made, and the one thing a pipelined step
+replaces. For each step, in this order:
+
+1. `begin`: the non-finite sums are cleared; the NaN drill decides whether this step is poisoned.
+2. For every micro-batch of this rank: forward, the loss (mean over the unmasked tokens),
+   `engine.backward`; as each parameter's gradient is computed its hooks run (below).
+3. After the last backward, before the last `engine.step()` (where DeepSpeed applies the update):
+   the gradient norm at ZeRO-0 (DeepSpeed keeps none there; the gradients are reduced by now),
+   one all-reduce of a world-sized flag vector that tells every rank whether, and on which ranks,
+   something was non-finite (if so, the update is dropped on every rank), then the caller's
+   `before_optimizer()` (the callbacks' `on_before_optimizer_step`).
+4. `engine.step()` per micro-batch; DeepSpeed accumulates and steps at the boundary.
+5. After it: whether the step was skipped (by us, or by DeepSpeed's own overflow check, after
+   which the schedule is advanced here so the learning rate stays a function of the step), the
+   loss's data-parallel mean and the pre-clip gradient norm.
+
+Hooks, all registered here, once, when the step object is made:
+
+- one tensor hook per trainable parameter, which runs, in order:
+  a. the sequence-parallel all-reduce over the tensor-parallel group, for parameters marked
+     `sequence_parallel` (norms, row-parallel biases): their gradients are partial sums over each
+     TP rank's slice of the sequence, reduced before anything reads them or DeepSpeed reduces
+     them over data parallelism;
+  b. the NaN drill's poison (the first parameter, the drill's rank, the drill's steps);
+  c. the non-finite watch: the fresh gradient's sum is kept (a NaN or inf anywhere makes it
+     non-finite; before DeepSpeed reduces or partitions, so the same at every ZeRO stage);
+  d. the gradient observers (`add_grad_observer`, e.g. the gradient-variance diagnostic, which
+     needs every micro-batch's own gradient);
+- one pre-hook on the client optimizer that drops every gradient on a step found non-finite;
+  torch's AdamW leaves a parameter without a gradient untouched, so parameters and optimizer
+  state stay bit-for-bit as they were, while DeepSpeed's counters and the schedule advance as usual.
+
+Tensor hooks run before DeepSpeed's gradient accumulation hooks whatever the registration order,
+so registering them after `deepspeed.initialize` is safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mlra_mega.distributed import ParallelContext
+from mlra_mega.train.nonfinite import NanDrill
+
+__all__ = ["GradObserver", "StepOutcome", "TrainStep", "tensor_parallel_grad_norm"]
+
+# (parameter name, parameter, its fresh gradient on this rank, for this micro-batch)
+GradObserver = Callable[[str, torch.nn.Parameter, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    loss: float  # mean of the micro-batch losses over every data-parallel rank
+    lr: float  # the learning rate this step's update used
+    grad_norm: float  # pre-clip, over the whole (tensor-parallel) model
+    skipped: bool  # the update was not applied (non-finite somewhere, or DeepSpeed's overflow check)
+    bad_ranks: tuple[int, ...]  # the ranks that saw non-finite values (empty when DeepSpeed found it)
+
+
+def tensor_parallel_grad_norm(model: torch.nn.Module, ctx: ParallelContext) -> float:
+    """2-norm of all gradients of the TP-sharded model (replicated parameters counted once)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        if getattr(p, "tensor_model_parallel", False) or ctx.tp_rank == 0:
+            total += p.grad.detach().double().pow(2).sum().cpu()
+    if ctx.tp_size > 1:
+        dist.all_reduce(total, group=ctx.tp_group)
+    return float(total.sqrt())
+
+
+class TrainStep:
+    """`step(n, micro_batches, before_optimizer)` makes step n; see the module docstring for the order."""
+
+    def __init__(self, engine: Any, ctx: ParallelContext, *, zero_stage: int, drill: NanDrill | None = None) -> None:
+        self.engine, self.ctx, self.zero_stage, self.drill = engine, ctx, zero_stage, drill
+        self.model = engine.module
+        self._observers: list[GradObserver] = []
+        self._sums: list[torch.Tensor] = []
+        self._drop = False
+        self._poison = False
+        self._poison_left = drill.count if drill is not None and drill.rank == ctx.rank else 0
+        self._register_hooks()
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    def _register_hooks(self) -> None:
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        for i, (name, p) in enumerate(named):
+            reduce = self.ctx.tp_size > 1 and bool(getattr(p, "sequence_parallel", False))
+            poison = i == 0 and self._poison_left > 0
+            p.register_hook(self._grad_hook(name, p, reduce, poison))
+        self.engine.basic_optimizer.register_step_pre_hook(self._drop_hook)
+
+    def _grad_hook(self, name: str, p: torch.nn.Parameter, reduce: bool, poison: bool):
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            if reduce:  # a.
+                grad = grad.contiguous()
+                dist.all_reduce(grad, group=self.ctx.tp_group)
+            if poison and self._poison:  # b.
+                grad = grad * float("nan")
+            self._sums.append(grad.detach().sum(dtype=torch.float32))  # c.
+            for observe in self._observers:  # d.
+                observe(name, p, grad)
+            return grad
+
+        return hook
+
+    def _drop_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._drop:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+
+    def add_grad_observer(self, observer: GradObserver) -> None:
+        """`observer(name, param, grad)` sees every fresh gradient of this rank (read-only)."""
+        self._observers.append(observer)
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean per-token loss over the batch's unmasked tokens (training or evaluation)."""
+        dev = self.ctx.device
+        tokens, labels = batch["tokens"].to(dev), batch["labels"].to(dev)
+        positions = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
+        per_token = self.engine(tokens, positions, None, labels=labels)
+        mask = batch["loss_mask"].to(dev).float()
+        return (per_token.float() * mask).sum() / mask.sum()
+
+    def dp_mean(self, values: Sequence[torch.Tensor]) -> float:
+        """The mean of this rank's values, averaged over the data-parallel ranks (float64)."""
+        mean = torch.stack([v.detach().float() for v in values]).mean().to(torch.float64)
+        if self.ctx.dp_size > 1:
+            dist.all_reduce(mean, group=self.ctx.dp_group)
+            mean /= self.ctx.dp_size
+        return float(mean)
+
+    def _begin(self, step: int) -> None:
+        self._sums.clear()
+        if self.drill is not None and self._poison_left > 0:
+            started = self._poison_left < self.drill.count
+            self._poison = started or step == self.drill.step
+            self._poison_left -= self._poison
+
+    def _agree(self) -> tuple[int, ...]:
+        """One all-reduce: the ranks on which the step is non-finite; if any, the update is dropped."""
+        flags = torch.zeros(self.ctx.world_size, dtype=torch.int32, device=self.ctx.device)
+        if self._sums:
+            flags[self.ctx.rank] = (~torch.isfinite(torch.stack(self._sums).sum())).int()
+        if self.ctx.world_size > 1:
+            dist.all_reduce(flags)
+        self._sums.clear()
+        bad = tuple(int(r) for r in torch.nonzero(flags).flatten())
+        self._drop = bool(bad)
+        return bad
+
+    def __call__(self, step: int, micro_batches: Sequence[dict[str, torch.Tensor]],
+                 before_optimizer: Callable[[], None]) -> StepOutcome:
+        engine = self.engine
+        lr = float(engine.get_lr()[0])
+        self._begin(step)
+        losses, own_norm, bad = [], None, ()
+        for i, batch in enumerate(micro_batches):
+            loss = self.loss(batch)
+            self._sums.append(loss.detach().float().sum())
+            engine.backward(loss)
+            if i == len(micro_batches) - 1:
+                if self.zero_stage == 0:
+                    own_norm = tensor_parallel_grad_norm(self.model, self.ctx)
+                bad = self._agree()
+                before_optimizer()
+            engine.step()
+            losses.append(loss)
+        applied = engine.was_step_applied()
+        if not applied and engine.lr_scheduler is not None:
+            engine.lr_scheduler.step()  # DeepSpeed's overflow path does not advance the schedule
+        skipped = self._drop or not applied
+        self._drop = self._poison = False
+        norm = engine.get_global_grad_norm()
+        if norm is None:
+            if own_norm is None:
+                raise RuntimeError("no gradient norm: neither DeepSpeed nor the step computed one")
+            norm = own_norm
+        return StepOutcome(loss=self.dp_mean(losses), lr=lr, grad_norm=float(norm), skipped=skipped, bad_ranks=bad)
