@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlra_mega.config import ConfigError, load_config
+from mlra_mega.config import ConfigError, load_config, with_values
 from mlra_mega.variants import VARIANTS, variant_overrides
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,7 +39,7 @@ def test_sweep_skips_resumes_and_reports(tmp_path: Path, tokenizer_dir: Path, sa
     grid = members(spec)
     assert [m.name for m in grid] == ["vanilla-L2-s0", "mlra-L2-s0"]
     # The second member was interrupted after step 3 (it has a checkpoint there).
-    interrupted = load_config(spec.base, [*grid[1].overrides, "train.stop_at=3"])
+    interrupted = with_values(grid[1].cfg, {"train.stop_at": 3})
     train(interrupted, log=lambda s: None)
 
     lines: list[str] = []

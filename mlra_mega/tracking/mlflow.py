@@ -36,11 +36,14 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from mlra_mega.config import RunConfig, TrackingConfig
+from mlra_mega.config import RunConfig, TrackingConfig, load_config
 from mlra_mega.credentials import MASK, mask, strip_masked
+from mlra_mega.errors import ConfigError
 from mlra_mega.files import atomic_write_text
 from mlra_mega.train.callbacks import CONFIG_CHANGES, Callback, Priority
+from mlra_mega.train.checkpoint import package_versions
 
 __all__ = ["BUFFER", "MLflowLogger", "check_tracking_store", "default_tracking_uri", "sync_run", "tracking_uri",
            "ui_command"]
@@ -80,10 +83,6 @@ def check_tracking_store(uri: str) -> None:
     """A store that can never work is a ConfigError now, not an 'outage' later: a malformed URI, a
     scheme MLflow has no store for, a SQLite file that is not a database or cannot be written.
     Servers are not contacted here (an unreachable server is an outage the run rides out)."""
-    from urllib.parse import urlsplit
-
-    from mlra_mega.errors import ConfigError
-
     shown = mask(uri)
     fix = "use http(s)://HOST:PORT for a server, sqlite:////ABS/PATH.db for a file store, or unset tracking.uri"
     if "://" not in uri and ":" not in uri.split("/", 1)[0]:
@@ -308,8 +307,6 @@ class MLflowLogger(Callback):
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        from mlra_mega.train.checkpoint import package_versions
-
         client = MlflowClient(tracking_uri=self.uri)
         setup = self._setup
         if self.run_id is not None:
@@ -462,9 +459,6 @@ def sync_run(run_dir: Path, uri: str | None = None) -> int:
     """Sends what the server lacks of a finished or stopped run: the buffer, then metrics.jsonl
     (points missing by key and step). Returns the number of points sent."""
     from mlflow.tracking import MlflowClient
-
-    from mlra_mega.config import load_config
-    from mlra_mega.errors import ConfigError
 
     run_dir = Path(run_dir)
     if not (run_dir / RUN_ID_FILE).is_file():
