@@ -15,6 +15,9 @@ seed count:
     (E) TEV against the embedding-gradient variance between runs (each run's final TEV mean
         against its mean gradient variance over the last 25% of steps) and within runs (Spearman
         of first differences).
+
+`study_plots(runs, dir)` draws the series grouped by depth and rate (a panel per pair, a line per
+variant), so a variant's behaviour at a high rate is not averaged with its behaviour at lr*.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import yaml
 
 from mlra_mega.metrics.stability import SpikeDetector, spearman
 
-__all__ = ["SPIKE_WINDOW", "SPIKE_Z", "StudyRun", "load_runs", "study_tables", "variant_of"]
+__all__ = ["SPIKE_WINDOW", "SPIKE_Z", "StudyRun", "load_runs", "study_plots", "study_tables", "variant_of"]
 
 SPIKE_WINDOW, SPIKE_Z = 20, 4.0
 FRACTIONS = (0.25, 0.5, 1.0)
@@ -255,3 +258,75 @@ def study_tables(runs: list[StudyRun]) -> list[str]:
             f"- Within runs, on first differences: mean {_fmt(_mean(within), 3)}"
             + (f" +- {statistics.pstdev(within):.3f}" if len(within) > 1 else "") + f" over {len(within)} runs."]
     return out
+
+
+PLOTTED = (("loss", "training loss"), ("tev", "TEV mean"), ("grad_norm", "gradient norm (pre-clip)"))
+
+
+def study_plots(runs: list[StudyRun], out_dir: Path) -> dict[str, tuple[int, int]]:
+    """PNGs under `out_dir`, one per series (loss, TEV, gradient norm) and one of the residual
+    variance per layer: a panel per (depth, rate), rows by depth and columns by rate, a line per
+    variant (the mean over its seeds). Returns {file name: (rows, columns)}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depths = sorted({r.depth for r in runs})
+    rates = sorted({r.lr for r in runs})
+    variants = sorted({r.variant for r in runs})
+    groups = _groups(runs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shapes: dict[str, tuple[int, int]] = {}
+
+    def grid(title: str):
+        fig, axes = plt.subplots(len(depths), len(rates), figsize=(4.2 * len(rates), 3.0 * len(depths)),
+                                 squeeze=False, sharex=True)
+        fig.suptitle(title)
+        for i, depth in enumerate(depths):
+            for j, lr in enumerate(rates):
+                axes[i][j].set_title(f"depth {depth}, lr {lr:g}", fontsize=9)
+        return fig, axes
+
+    def finish(fig, axes, name: str) -> None:
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        for row in axes:
+            for ax in row:
+                h, lab = ax.get_legend_handles_labels()
+                handles += [x for x, y in zip(h, lab) if y not in labels]
+                labels += [y for y in lab if y not in labels]
+        if handles:
+            fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+        fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        shapes[name] = (len(axes), len(axes[0]))
+
+    for key, title in PLOTTED:
+        fig, axes = grid(f"{title}, mean over seeds")
+        for i, depth in enumerate(depths):
+            for j, lr in enumerate(rates):
+                for variant in variants:
+                    members = groups.get((depth, variant, lr), [])
+                    series = [getattr(m, key) for m in members if getattr(m, key)]
+                    if not series:
+                        continue
+                    steps = sorted(set.intersection(*(set(s) for s in series)))
+                    values = [statistics.fmean(s[t] for s in series) for t in steps]
+                    axes[i][j].plot(steps, values, label=variant, linewidth=1)
+                if key == "grad_norm":
+                    axes[i][j].set_yscale("log")
+        finish(fig, axes, f"{'tev_mean' if key == 'tev' else key}.png")
+
+    fig, axes = grid("residual-stream variance per layer at the last probe, mean over seeds")
+    for i, depth in enumerate(depths):
+        for j, lr in enumerate(rates):
+            for variant in variants:
+                members = [m for m in groups.get((depth, variant, lr), []) if m.resid]
+                if members:
+                    layers = sorted(set.intersection(*(set(m.resid) for m in members)))
+                    axes[i][j].plot(layers, [statistics.fmean(m.resid[k] for m in members) for k in layers],
+                                    label=variant, marker=".", linewidth=1)
+            axes[i][j].set_yscale("log")
+    finish(fig, axes, "resid_var.png")
+    return shapes

@@ -29,5 +29,6 @@ mkdir -p $SWEEP
 python3 scripts/paper_study_archive.py restore $ARCHIVE $SWEEP  # the members finished in earlier parts
 mlra-mega sweep configs/paper/cpu-study.yaml
 python3 scripts/paper_study_archive.py save $SWEEP $ARCHIVE
-python3 scripts/paper_study_report.py $SWEEP --out docs/results/paper-depth-cpu/tables.md
+python3 scripts/paper_study_report.py $SWEEP --out docs/results/paper-depth-cpu/tables.md \
+  --plots docs/results/paper-depth-cpu
 echo "[study] wall time $(( $(date +%s) - start )) s"

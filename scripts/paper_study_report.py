@@ -1,9 +1,10 @@
 """The depth study's tables (A)-(E) from its sweep's run directories (mlra_mega/study.py).
 
-    python scripts/paper_study_report.py [runs/paper-depth-cpu-v2/cpu-study] [--out FILE.md]
+    python scripts/paper_study_report.py [runs/paper-depth-cpu-v2/cpu-study] [--out FILE.md] [--plots DIR]
 
-Prints the Markdown (or writes it to --out), with the learning-rate bracket it was run at. Runs
-that have not reached their last step are left out and counted.
+Prints the Markdown (or writes it to --out), with the learning-rate bracket it was run at; with
+--plots, the loss, TEV, gradient-norm and residual-variance plots (a panel per depth and rate)
+go to DIR. Runs that have not reached their last step are left out and counted.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ sys.path.insert(0, str(REPO))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mlra_mega.study import load_runs, study_tables
+    from mlra_mega.study import load_runs, study_plots, study_tables
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", nargs="?", default=str(REPO / "runs" / "paper-depth-cpu-v2" / "cpu-study"))
     parser.add_argument("--bracket", default=str(REPO / "docs" / "results" / "paper-depth-cpu" / "lr-bracket.json"))
     parser.add_argument("--out", default=None)
+    parser.add_argument("--plots", default=None, help="directory for the PNGs")
     args = parser.parse_args(argv)
     sweep = Path(args.sweep_dir)
     if not sweep.is_dir():
@@ -37,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"Rates from the bracket ({b['steps']}-step probes at depth {b['depth']}): "
                      f"lr* = {b['lr_star']:g}, lr_mlra = {b['lr_mlra']:g}.")
     text = "\n".join([*lines, "", *study_tables(runs), ""]) if runs else "\n".join(lines) + "\n"
+    if args.plots and runs:
+        for name, (rows, cols) in study_plots(runs, Path(args.plots)).items():
+            print(f"[study] {Path(args.plots) / name}: {rows} depth(s) x {cols} rate(s)", file=sys.stderr)
     if args.out:
         Path(args.out).write_text(text)
     else:

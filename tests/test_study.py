@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from mlra_mega.study import load_runs, study_tables
+from mlra_mega.study import load_runs, study_plots, study_tables
 
 STEPS, WARMUP, HIDDEN = 40, 4, 16
 
@@ -82,3 +82,17 @@ def test_unfinished_runs_are_left_out(tmp_path: Path) -> None:
     path = next(tmp_path.iterdir()) / "metrics.jsonl"
     path.write_text("\n".join(path.read_text().splitlines()[:10]) + "\n")
     assert load_runs(tmp_path) == []
+
+
+def test_the_plots_have_a_panel_per_depth_and_rate(tmp_path: Path) -> None:
+    import matplotlib.image
+
+    for depth in (4, 16):
+        for lr in (1e-3, 2e-3, 4e-3):
+            write_run(tmp_path / "runs", "vanilla", depth, lr, 0, 100.0, 0.02)
+        write_run(tmp_path / "runs", "mlra", depth, 1e-3, 0, 90.0, 0.01)
+    shapes = study_plots(load_runs(tmp_path / "runs"), tmp_path / "plots")
+    assert shapes == {name: (2, 3) for name in ("loss.png", "tev_mean.png", "grad_norm.png", "resid_var.png")}
+    for name in shapes:
+        height, width, _ = matplotlib.image.imread(tmp_path / "plots" / name).shape
+        assert width > height  # three rate columns side by side, two depth rows
