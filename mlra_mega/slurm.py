@@ -38,7 +38,7 @@ class SubmitOptions:
     nodes: int = 1
     gpus_per_node: int = 8
     tasks_per_node: int | None = None  # None: gpus_per_node (GPU) or 1 (--cpu)
-    cpus_per_task: int = 8
+    cpus_per_task: int | None = None  # None: 8 (GPU), or what the partition's nodes have (--cpu)
     partition: str | None = None
     account: str | None = None
     time: str = "24:00:00"
@@ -89,18 +89,52 @@ def _job_overrides(opts: SubmitOptions, cfg, run_dir: str) -> tuple[list[str], d
     return [*keep, f"run.dir={run_dir}"], env
 
 
-def render(opts: SubmitOptions) -> str:
+GPU_CPUS_PER_TASK = 8
+
+
+def node_cpus(partition: str | None) -> int | None:
+    """The fewest CPUs a node of the partition (default: every node) has, as Slurm reports it;
+    None where sinfo is absent or says nothing."""
+    if shutil.which("sinfo") is None:
+        return None
+    cmd = ["sinfo", "-h", "-N", "-o", "%c", *(["-p", partition] if partition else [])]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    counts = [int(x) for x in out.split() if x.isdigit()]
+    return min(counts) if counts else None
+
+
+def cpus_per_task(opts: SubmitOptions, tasks: int, cpus_on_node: int | None) -> int:
+    """--cpus-per-task, or its default: 8 with GPUs; with --cpu the node's CPUs shared by its
+    tasks (a CPU node often has fewer than 8, and Slurm refuses a job asking for more)."""
+    if opts.cpus_per_task is not None:
+        wanted = opts.cpus_per_task
+        if opts.cpu and cpus_on_node is not None and wanted * tasks > cpus_on_node:
+            raise ConfigError("--cpus-per-task", f"{wanted} x {tasks} task(s) per node is more than the "
+                              f"{cpus_on_node} CPUs a node{' of ' + opts.partition if opts.partition else ''} has",
+                              f"give --cpus-per-task {max(1, cpus_on_node // tasks)} or fewer, or fewer "
+                              "--tasks-per-node")
+        return wanted
+    if not opts.cpu:
+        return GPU_CPUS_PER_TASK
+    return max(1, (cpus_on_node or tasks) // tasks)
+
+
+def render(opts: SubmitOptions, cpus_on_node: int | None = None) -> str:
     """The batch script for these options."""
     if not TEMPLATE.is_file() or not ENTRY.is_file():
         raise ConfigError("submit", f"{TEMPLATE} or {ENTRY} not found",
                           "run from a source checkout (pip install -e .), where slurm/ and launchers/ sit")
     for name in ("nodes", "gpus_per_node", "cpus_per_task", "signal_lead_s"):
-        if getattr(opts, name) < 1:
+        if getattr(opts, name) is not None and getattr(opts, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}", f"must be >= 1, got {getattr(opts, name)}",
                               "give a positive number")
     for name in _SBATCH_VALUES:
         _check_sbatch_value(name, getattr(opts, name))
     tasks = opts.tasks_per_node or (1 if opts.cpu else opts.gpus_per_node)
+    cpus = cpus_per_task(opts, tasks, cpus_on_node)
     cfg = load_config(opts.config, opts.overrides)  # validated here, at submission, once
     run_dir = _run_dir(cfg)
     if not _PATH.fullmatch(run_dir):
@@ -119,14 +153,15 @@ def render(opts: SubmitOptions) -> str:
         resources += f"#SBATCH --account={opts.account}\n"
     env = "export CUDA_VISIBLE_DEVICES=\n" if opts.cpu else ""
     return TEMPLATE.read_text().format(
-        job_name=opts.job_name, nodes=opts.nodes, tasks_per_node=tasks, cpus_per_task=opts.cpus_per_task,
+        job_name=opts.job_name, nodes=opts.nodes, tasks_per_node=tasks, cpus_per_task=cpus,
         resource_lines=resources, time=opts.time, signal_lead=opts.signal_lead_s, run_dir=run_dir,
-        run_dir_q=shlex.quote(run_dir), omp_threads=opts.cpus_per_task, env_lines=env, command=command)
+        run_dir_q=shlex.quote(run_dir), omp_threads=cpus, env_lines=env, command=command)
 
 
 def submit(opts: SubmitOptions, dry_run: bool = False) -> str:
     """Prints the script (dry run) or submits it; returns the script or the job id."""
-    script = render(opts)
+    _check_sbatch_value("partition", opts.partition)  # before sinfo is asked about it
+    script = render(opts, node_cpus(opts.partition) if opts.cpu else None)
     if dry_run:
         return script
     if shutil.which("sbatch") is None:

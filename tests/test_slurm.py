@@ -2,7 +2,8 @@
 
 A 2-task job completes with every step in metrics.jsonl and MLflow; a job signalled the way its
 template asks (USR1 to the tasks, `scancel --signal=USR1` without --batch) checkpoints, requeues
-itself, resumes and ends like the uninterrupted job; `scontrol requeue` (SIGTERM) does the same;
+itself, resumes and ends like the uninterrupted job; so does one whose batch shell alone gets the
+USR1 (`--batch`, as `--signal=B:USR1` sends it); `scontrol requeue` (SIGTERM) does the same;
 SIGKILL of one task ends the job within 60 s with srun and the survivor naming it; the dry-run
 script for 4 nodes x 8 GPUs has the rendezvous and resource lines.
 """
@@ -119,19 +120,22 @@ def test_two_task_job_completes(cluster, reference: Path, tokenizer_dir: Path, s
     print(f"\n[slurm timing] submit-to-start {start - t0:.1f}s, total {time.time() - t0:.1f}s")
 
 
-@pytest.mark.parametrize("how", ["USR1", "requeue"])
+@pytest.mark.parametrize("how", ["USR1", "USR1 to the batch shell", "requeue"])
 def test_preempted_job_requeues_resumes_and_matches(how: str, cluster, reference: Path, tmp_path: Path,
                                                      tokenizer_dir: Path, sample_dataset: str,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     if not (reference / "metrics.jsonl").is_file():
         pytest.skip("the uninterrupted job did not run")
-    run = tmp_path / how
+    run = tmp_path / how.replace(" ", "-")
     job, t0 = submit(run, tokenizer_dir, sample_dataset, capsys=capsys)
     wait_steps(run, 5)
     t_signal = time.time()
     if how == "USR1":
         # The template asks for --signal=USR1@T (no B:), so the signal goes to the tasks.
         subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    elif how == "USR1 to the batch shell":
+        # As `#SBATCH --signal=B:USR1@T` would: the shell alone gets it and must forward it.
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
     else:
         subprocess.run(["scontrol", "requeue", job], check=True)  # SIGTERM to the job, then requeued
     wait_done(job)
