@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="render the Slurm batch script for a run and sbatch it")
     p.add_argument("config", help="YAML file")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--nodes", default="1", help="a count, or MIN-MAX: a requeued job may start on fewer nodes")
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--tasks-per-node", type=int, default=None, help="default: GPUs per node, or 1 with --cpu")
     p.add_argument("--cpus-per-task", type=int, default=None,
@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="for every member, after the spec's")
     p.add_argument("--seeds", type=int, default=None, help="this many seeds (0..N-1) instead of the spec's")
     p.add_argument("--submit", action="store_true", help="hand each member to Slurm (needs a tracking server)")
-    for flag, default in (("--nodes", 1), ("--gpus-per-node", 8), ("--tasks-per-node", None), ("--cpus-per-task", None)):
+    p.add_argument("--nodes", default="1", help="with --submit: as for `submit`")
+    for flag, default in (("--gpus-per-node", 8), ("--tasks-per-node", None), ("--cpus-per-task", None)):
         p.add_argument(flag, type=int, default=default, help="with --submit: as for `submit`")
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)

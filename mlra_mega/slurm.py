@@ -35,7 +35,7 @@ ENTRY = Path(__file__).resolve().parent.parent / "launchers" / "train.py"  # als
 class SubmitOptions:
     config: str
     overrides: list[str] = field(default_factory=list)
-    nodes: int = 1
+    nodes: int | str = 1  # a count, or MIN-MAX (a requeued job may then start on fewer nodes)
     gpus_per_node: int = 8
     tasks_per_node: int | None = None  # None: gpus_per_node (GPU) or 1 (--cpu)
     cpus_per_task: int | None = None  # None: 8 (GPU), or what the partition's nodes have (--cpu)
@@ -122,12 +122,25 @@ def cpus_per_task(opts: SubmitOptions, tasks: int, cpus_on_node: int | None) -> 
     return max(1, (cpus_on_node or tasks) // tasks)
 
 
+_NODES = re.compile(r"([1-9]\d*)(?:-([1-9]\d*))?")
+
+
+def _nodes(value: int | str) -> str:
+    """--nodes as written on the #SBATCH line: N, or MIN-MAX with MIN <= MAX."""
+    m = _NODES.fullmatch(str(value).strip())
+    if m is None or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+        raise ConfigError("--nodes", f"{str(value)[:40]!r} is not a node count",
+                          "give a count such as 2, or MIN-MAX such as 1-2 (MIN <= MAX)")
+    return m.group(0)
+
+
 def render(opts: SubmitOptions, cpus_on_node: int | None = None) -> str:
     """The batch script for these options."""
     if not TEMPLATE.is_file() or not ENTRY.is_file():
         raise ConfigError("submit", f"{TEMPLATE} or {ENTRY} not found",
                           "run from a source checkout (pip install -e .), where slurm/ and launchers/ sit")
-    for name in ("nodes", "gpus_per_node", "cpus_per_task", "signal_lead_s"):
+    nodes = _nodes(opts.nodes)
+    for name in ("gpus_per_node", "cpus_per_task", "signal_lead_s"):
         if getattr(opts, name) is not None and getattr(opts, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}", f"must be >= 1, got {getattr(opts, name)}",
                               "give a positive number")
@@ -136,6 +149,13 @@ def render(opts: SubmitOptions, cpus_on_node: int | None = None) -> str:
     tasks = opts.tasks_per_node or (1 if opts.cpu else opts.gpus_per_node)
     cpus = cpus_per_task(opts, tasks, cpus_on_node)
     cfg = load_config(opts.config, opts.overrides)  # validated here, at submission, once
+    tp = cfg.parallel.tensor
+    if tasks % tp:
+        # megatron puts consecutive ranks in a TP group: with TP not dividing a node's tasks, a
+        # group would straddle two nodes and its all-reduces of every layer would cross the network.
+        raise ConfigError("parallel.tensor", f"{tp} does not divide the {tasks} task(s) per node: tensor "
+                          "parallelism stays within a node", f"give --tasks-per-node a multiple of {tp}, or a "
+                          f"parallel.tensor dividing {tasks}")
     run_dir = _run_dir(cfg)
     if not _PATH.fullmatch(run_dir):
         raise ConfigError("run.dir", f"{run_dir!r} holds a space, a newline or a shell character, and is written "
@@ -153,7 +173,7 @@ def render(opts: SubmitOptions, cpus_on_node: int | None = None) -> str:
         resources += f"#SBATCH --account={opts.account}\n"
     env = "export CUDA_VISIBLE_DEVICES=\n" if opts.cpu else ""
     return TEMPLATE.read_text().format(
-        job_name=opts.job_name, nodes=opts.nodes, tasks_per_node=tasks, cpus_per_task=cpus,
+        job_name=opts.job_name, nodes=nodes, tasks_per_node=tasks, cpus_per_task=cpus,
         resource_lines=resources, time=opts.time, signal_lead=opts.signal_lead_s, run_dir=run_dir,
         run_dir_q=shlex.quote(run_dir), omp_threads=cpus, env_lines=env, command=command)
 

@@ -75,3 +75,17 @@ def test_usr1_to_the_batch_shell_reaches_the_tasks_and_the_job_requeues(tmp_path
     assert shell.returncode == 0, out
     assert calls == ["scancel --signal=USR1 77", "scontrol requeue 77"], (calls, out)
     assert "USR1 at" in out and "forwarded to the tasks" in out and "requeueing" in out
+
+
+def test_tensor_parallelism_stays_within_a_node_and_nodes_may_be_a_range() -> None:
+    opts = dict(config=QUICKSTART, cpu=True, cpus_per_task=1)
+    with pytest.raises(ConfigError, match=r"parallel.tensor: 2 does not divide the 1 task\(s\) per node"):
+        render(SubmitOptions(**opts, tasks_per_node=1, overrides=["parallel.tensor=2"]), cpus_on_node=2)
+    with pytest.raises(ConfigError, match=r"parallel.tensor: 2 does not divide the 3 task\(s\) per node"):
+        render(SubmitOptions(**opts, tasks_per_node=3, overrides=["parallel.tensor=2"]), cpus_on_node=4)
+    script = render(SubmitOptions(**opts, tasks_per_node=2, nodes="1-2", overrides=["parallel.tensor=2"]),
+                    cpus_on_node=2)
+    assert "#SBATCH --nodes=1-2\n" in script
+    for bad in ("0", "2-1", "1-", "two", "1-2\ntouch F"):
+        with pytest.raises(ConfigError, match="--nodes: .* is not a node count"):
+            render(SubmitOptions(**opts, tasks_per_node=1, nodes=bad), cpus_on_node=2)
