@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 
-from mlra_mega.config import ConfigError, ParallelConfig, RunConfig, from_dict
+from mlra_mega.config import ConfigError, ParallelConfig, RunConfig, from_dict, migrate_saved
 
 __all__ = ["load_checkpoint_model", "export_hf"]
 
@@ -31,7 +31,7 @@ def load_checkpoint_model(checkpoint: str | Path):
         raise ConfigError("checkpoint", f"no complete checkpoint at {checkpoint}",
                           "give a checkpoint directory (step...), a run's checkpoints/ or a run directory")
     sidecar = read_sidecar(ckpt)
-    cfg: RunConfig = from_dict(RunConfig, sidecar["config"])
+    cfg: RunConfig = from_dict(RunConfig, migrate_saved(sidecar["config"]))
     cfg.validate()
     files = sorted((ckpt.path / "model").glob("tp*.pt"))
     if len(files) != sidecar["layout"]["tensor"]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mlra_mega.config import ConfigError, ModelConfig, RunConfig, flatten, load_config, to_dict
+from mlra_mega.config import ConfigError, ModelConfig, RunConfig, flatten, from_dict, load_config, to_dict
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -143,3 +143,18 @@ def test_every_key_has_a_help_and_config_keys_lists_them(capsys: pytest.CaptureF
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(described) and lines[0].startswith("model.num_layers")
     assert any(line.startswith("model.attention ") and "mha|mlra" in line for line in lines)
+
+
+def test_a_replaced_key_names_its_replacement_and_saved_configs_migrate() -> None:
+    from mlra_mega.config import migrate_saved, to_dict
+
+    with pytest.raises(ConfigError, match=r"train.activation_checkpointing: was replaced by train.recompute "
+                                          r"\(fix: write train.recompute=full \(for True\) or none \(for False\)\)"):
+        load_config(None, ["train.activation_checkpointing=true"])
+    saved = to_dict(load_config(None, []))
+    saved["train"].pop("recompute")
+    saved["train"]["activation_checkpointing"] = True  # a checkpoint's sidecar from before the change
+    assert from_dict(RunConfig, migrate_saved(saved)).train.recompute == "full"
+    assert load_config(None, ["train.recompute=selective"]).train.recompute == "selective"
+    with pytest.raises(ConfigError, match="train.recompute_num_layers: 9 is more than the model's"):
+        load_config(None, ["train.recompute=full", "train.recompute_num_layers=9", "model.num_layers=2"])

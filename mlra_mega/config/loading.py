@@ -23,10 +23,30 @@ from mlra_mega.config.schema import RunConfig, _all_dotted_keys, _did_you_mean, 
 from mlra_mega.credentials import mask
 from mlra_mega.errors import ConfigError
 
-__all__ = ["MAX_YAML_NODES", "load_config", "with_values", "from_dict", "to_dict", "public_dict", "flatten",
+__all__ = ["MAX_YAML_NODES", "RENAMED", "load_config", "migrate_saved", "with_values", "from_dict", "to_dict", "public_dict", "flatten",
            "read_yaml_document"]
 
 MAX_YAML_NODES = 100_000  # a config is a few hundred nodes; an alias bomb expands to billions
+
+# Keys a release replaced: {old dotted key: (new dotted key, {old value: new value})}. A user's
+# config with an old key is a one-line error naming the new one; a config this framework saved
+# earlier (a checkpoint's sidecar) is read through `migrate_saved`.
+RENAMED: dict[str, tuple[str, dict[Any, Any]]] = {
+    "train.activation_checkpointing": ("train.recompute", {True: "full", False: "none"}),
+}
+
+
+def migrate_saved(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved config (nested dict) with every `RENAMED` key written as its replacement."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for old, (new, values) in RENAMED.items():
+        old_section, old_key = old.split(".")
+        section = out.get(old_section)
+        if isinstance(section, dict) and old_key in section:
+            value = section.pop(old_key)
+            new_section, new_key = new.split(".")
+            out.setdefault(new_section, {}).setdefault(new_key, values.get(value, value))
+    return out
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -78,6 +98,10 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         key = str(key)
+        if f"{prefix}{key}" in RENAMED:
+            new, values = RENAMED[f"{prefix}{key}"]
+            raise ConfigError(f"{prefix}{key}", f"was replaced by {new}",
+                              f"write {new}=" + " or ".join(f"{v} (for {k!r})" for k, v in values.items()))
         if key not in fields:
             raise ConfigError(f"{prefix}{key}", "unknown key",
                               _closest_key_hint(key, list(fields), prefix) or f"valid keys: {sorted(fields)}")

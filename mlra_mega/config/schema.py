@@ -226,13 +226,17 @@ class TrainConfig:
     micro_batch_size: int = option(8, "samples per forward/backward on one rank (the rest is accumulation)")
     seed: int = option(1234, "seed of initialisation, dropout and (by default) the data order")
     precision: Literal["fp32", "bf16"] = option("fp32", "fp32 or bf16")
-    activation_checkpointing: bool = option(False, "recompute every layer's activations in the backward")
+    recompute: Literal["none", "full", "selective"] = option(
+        "none", "activations recomputed in the backward: none, full (whole layers) or selective (core attention)")
+    recompute_method: Literal["uniform", "block"] = option(
+        "uniform", "with recompute=full: uniform (every group of recompute_num_layers) or block (the first N per stage)")
+    recompute_num_layers: int = option(1, "with recompute=full: layers per recomputed group (uniform) or recomputed (block)")
     log_interval: int = option(1, "print a step line every this many steps")
     stop_at: int | None = option(None, "stop after this step with a checkpoint, to continue later (chunked runs)")
     max_consecutive_skips: int = option(0, "after this many non-finite steps in a row, roll back (0 = never)")
 
     def validate(self, prefix: str = "train") -> None:
-        for name in ("steps", "global_batch_size", "micro_batch_size", "log_interval"):
+        for name in ("steps", "global_batch_size", "micro_batch_size", "log_interval", "recompute_num_layers"):
             _require_positive(f"{prefix}.{name}", getattr(self, name))
         _check_seed(f"{prefix}.seed", self.seed)
         if self.max_consecutive_skips < 0:
@@ -499,6 +503,10 @@ class RunConfig:
                               f"needs each micro-batch's gradient, which ZeRO-{self.zero.stage} reduces and "
                               "partitions during backward before it can be read",
                               "use zero.stage=0 or 1 for this diagnostic, or set it to 0")
+        t = self.train
+        if t.recompute == "full" and t.recompute_num_layers > self.model.num_layers:
+            raise ConfigError("train.recompute_num_layers", f"{t.recompute_num_layers} is more than the model's "
+                              f"{self.model.num_layers} layers", f"give 1 to {self.model.num_layers}")
         if self.parallel.pipeline > 1:
             if self.zero.stage >= 2:
                 raise ConfigError("zero.stage", f"ZeRO-{self.zero.stage} cannot combine with pipeline parallelism "

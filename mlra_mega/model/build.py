@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from mlra_mega.config import ModelConfig, check_tensor_parallel
 from mlra_mega.errors import ConfigError
 
-__all__ = ["fusion_flags", "transformer_config", "build_model", "count_parameters", "forward_flops_per_token",
+__all__ = ["fusion_flags", "recompute_settings", "transformer_config", "build_model", "count_parameters", "forward_flops_per_token",
            "flops_per_token"]
 
 def _importable(module: str) -> bool:
@@ -47,16 +47,24 @@ def _normal(std: float):
     return lambda t: torch.nn.init.normal_(t, mean=0.0, std=std)
 
 
+def recompute_settings(recompute: str = "none", method: str = "uniform", num_layers: int = 1) -> dict:
+    """megatron-core's recompute fields for `train.recompute` / `_method` / `_num_layers`."""
+    if recompute == "full":
+        return dict(recompute_granularity="full", recompute_method=method, recompute_num_layers=num_layers)
+    if recompute == "selective":  # the core attention (scores, softmax, values) of every layer
+        return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    return {}
+
+
 def transformer_config(cfg: ModelConfig, *, tensor_parallel: int = 1, sequence_parallel: bool = False,
                        params_dtype: torch.dtype = torch.float32, bf16: bool = False,
-                       activation_checkpointing: bool = False):
-    """megatron-core TransformerConfig for this model (fusions off on CPU)."""
+                       recompute: dict | None = None):
+    """megatron-core TransformerConfig for this model (fusions off on CPU); `recompute` from
+    `recompute_settings`."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     residual_std = cfg.init_std / (2.0 * cfg.num_layers) ** 0.5 if cfg.scale_residual_init else cfg.init_std
-    extra = {}
-    if activation_checkpointing:
-        extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    extra = dict(recompute or {})
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -84,7 +92,7 @@ def transformer_config(cfg: ModelConfig, *, tensor_parallel: int = 1, sequence_p
 
 def build_model(cfg: ModelConfig, *, tensor_parallel: int | None = None, sequence_parallel: bool = False,
                 params_dtype: torch.dtype = torch.float32, bf16: bool = False,
-                activation_checkpointing: bool = False) -> torch.nn.Module:
+                recompute: dict | None = None) -> torch.nn.Module:
     """A megatron-core GPTModel for this config, holding this TP rank's shards (on the CPU)."""
     from megatron.core import parallel_state
 
@@ -102,7 +110,7 @@ def build_model(cfg: ModelConfig, *, tensor_parallel: int | None = None, sequenc
                           "build the model after distributed.setup with the same parallel.tensor")
     tcfg = transformer_config(cfg, tensor_parallel=tensor_parallel, sequence_parallel=sequence_parallel,
                               params_dtype=params_dtype, bf16=bf16,
-                              activation_checkpointing=activation_checkpointing)
+                              recompute=recompute)
     return GPTModelWithEmbedding(
         config=tcfg,
         transformer_layer_spec=block_spec(cfg),

@@ -20,13 +20,13 @@ import torch.distributed as dist
 import yaml
 
 from mlra_mega import distributed
-from mlra_mega.config import ConfigError, RunConfig, flatten, public_dict
+from mlra_mega.config import ConfigError, RunConfig, flatten, migrate_saved, public_dict
 from mlra_mega.data.datasets import SampleOrder, TrainBatches, build_datasets
 from mlra_mega.data.tokenizer import check_vocab, load_tokenizer
 from mlra_mega.distributed import ParallelContext, launch_env
 from mlra_mega.errors import MlraMegaError, PeerLost
 from mlra_mega.files import atomic_write_text
-from mlra_mega.model.build import build_model
+from mlra_mega.model.build import build_model, recompute_settings
 from mlra_mega.tracking.mlflow import MLflowLogger, check_tracking_store, tracking_uri
 from mlra_mega.train.callbacks import CONFIG_CHANGES, Callback, ConsoleLogger, MetricsFile, RunSummary
 from mlra_mega.train.checkpoint import Checkpointer
@@ -90,7 +90,7 @@ _NOT_SETTINGS = ("checkpoint.resume",)  # how this start was asked for, not a se
 
 def config_changes(saved: dict, cfg: RunConfig) -> dict[str, list]:
     """{key: [checkpoint's value, this run's]} for every setting that differs (both masked)."""
-    old, new = flatten(saved), flatten(public_dict(cfg))
+    old, new = flatten(migrate_saved(saved)), flatten(public_dict(cfg))
     return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k) and k not in _NOT_SETTINGS}
 
@@ -216,7 +216,8 @@ def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), log: Callable[[str
                                micro_batch_size=cfg.train.micro_batch_size, dp_rank=ctx.dp_rank, dp_size=dp)
         model = build_model(cfg.model, tensor_parallel=ctx.tp_size, sequence_parallel=cfg.parallel.sequence_parallel,
                             bf16=cfg.train.precision == "bf16",
-                            activation_checkpointing=cfg.train.activation_checkpointing)
+                            recompute=recompute_settings(cfg.train.recompute, cfg.train.recompute_method,
+                                                         cfg.train.recompute_num_layers))
         engine, ds_cfg = build_engine(model.to(ctx.device), ctx, cfg.train, cfg.optim, cfg.zero)
         run_dir = resolve_run_dir(cfg, ctx)
         lock = _lock_run_dir(cfg, ctx, run_dir, log)

@@ -38,7 +38,8 @@ LAYOUTS = {
     "zero2": ["zero.stage=2"],
     "zero3": ["zero.stage=3"],
     "sequence_parallel": ["zero.stage=1", "parallel.sequence_parallel=true"],
-    "activation_checkpointing": ["zero.stage=2", "train.activation_checkpointing=true"],
+    "recompute_full": ["zero.stage=2", "train.recompute=full"],
+    "recompute_selective": ["zero.stage=1", "train.recompute=selective"],
     "bf16": ["zero.stage=1", "train.precision=bf16"],
 }
 REL = 1e-5

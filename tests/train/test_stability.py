@@ -86,7 +86,7 @@ def two_processes(data: TrainData) -> dict:
     return {"tp2": _run(data, "tp2", ["parallel.tensor=2", "zero.stage=1", "diagnostics.grad_variance_interval=2"]),
             "tp2_sp": _run(data, "tp2sp", ["parallel.tensor=2", "zero.stage=1", "parallel.sequence_parallel=true"]),
             "dp2_zero3": _run(data, "dp2z3", ["zero.stage=3"]),
-            "tp2_recompute": _run(data, "tp2ac", ["parallel.tensor=2", "zero.stage=2", "train.activation_checkpointing=true"]),
+            "tp2_recompute": _run(data, "tp2ac", ["parallel.tensor=2", "zero.stage=2", "train.recompute=full"]),
             "dp2_zero1": _run(data, "dp2z1", ["zero.stage=1", "diagnostics.grad_variance_interval=2"])}
 
 
