@@ -1,8 +1,8 @@
 """The only place that adapts megatron-core and DeepSpeed to a machine without CUDA (gloo, CPU).
 
 megatron-core 0.16.1 runs GPTModel on CPU at any tensor-parallel size (sequence parallelism
-included) once three CUDA assumptions are redirected, and DeepSpeed 0.19.8 starts without a JIT
-build once a fourth is; `apply()` does exactly that and nothing else, and only when CUDA is
+included) once three CUDA assumptions are redirected (two more for pipeline parallelism), and DeepSpeed
+0.19.8 starts without a JIT build once a fourth is; `apply()` does exactly that and nothing else, and only when CUDA is
 unavailable (`distributed.setup` calls it). Each shim has a canary test showing megatron-core's
 or DeepSpeed's own call still fails (or still builds), so a shim a later release no longer needs
 is noticed and removed.
@@ -16,6 +16,14 @@ is noticed and removed.
    on the CPU (same values).
 4. DeepSpeed's shared-memory all-reduce op: DeepSpeed JIT-compiles it (tens of seconds) when its
    communication backend starts on CPU, for inference all-reduces we never make; it is skipped.
+5. Pipeline schedules' token counter: every schedule in `pipeline_parallel/schedules.py`
+   allocates `torch.zeros([], device="cuda")`; that module sees a `torch` whose `zeros` puts a
+   "cuda" request on the CPU (every other name is torch's own).
+6. Tied embeddings over pipeline stages: `LanguageModule.setup_embeddings_and_output_layer`
+   moves the last stage's copy of the word embeddings to "cuda" before all-reducing it from the
+   first stage; the same all-reduce is made where the weight is.
+(p2p_communication's `torch.cuda.synchronize()` is not shimmed: the builder sets
+`batch_p2p_sync` only where CUDA is.)
 
 Fused kernels (softmax, bias-GELU, gradient-accumulation, RoPE) are not shims: they are turned
 off by the model builder's `fusions` setting.
@@ -128,6 +136,49 @@ def _no_shm_op() -> None:
     return None
 
 
+# --------------------------------------------------------------------------- 5. schedules' counter
+
+
+def _cpu_torch_for_schedules() -> Any:
+    import types
+
+    class _Torch(types.ModuleType):
+        def __getattr__(self, name: str) -> Any:
+            return getattr(torch, name)
+
+        @staticmethod
+        def zeros(*args: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
+            if device is not None and torch.device(device).type == "cuda":
+                device = "cpu"
+            return torch.zeros(*args, device=device, **kwargs)
+
+    return _Torch("torch")
+
+
+# --------------------------------------------------------------------------- 6. tied stage copy
+
+
+def _make_cpu_setup_embeddings() -> Any:
+    import torch.distributed as dist
+
+    key = ("megatron.core.models.common.language_module.language_module",
+           "LanguageModule.setup_embeddings_and_output_layer")
+    original = _ORIGINALS[key]
+
+    def setup_embeddings_and_output_layer(self: Any) -> None:
+        in_group = self._is_in_embd_group()
+        self._is_in_embd_group = lambda: False  # megatron's .cuda() and all-reduce are skipped ...
+        try:
+            original(self)
+        finally:
+            del self._is_in_embd_group
+        if self.share_embeddings_and_output_weights and self.config.pipeline_model_parallel_size > 1 \
+                and dist.is_initialized() and in_group:  # ... and made here, on the weight's device
+            dist.all_reduce(self.shared_embedding_or_output_weight().data, group=self.embd_group)
+
+    return setup_embeddings_and_output_layer
+
+
 SHIMS: dict[str, tuple[_Patch, ...]] = {
     "rng_tracker": (
         _Patch("megatron.core.tensor_parallel.random", "CudaRNGStatesTracker", _make_cpu_tracker_class),
@@ -143,6 +194,13 @@ SHIMS: dict[str, tuple[_Patch, ...]] = {
     ),
     "deepspeed_shm_op": (
         _Patch("deepspeed.comm.torch", "build_shm_op", lambda: _no_shm_op),
+    ),
+    "schedule_counter": (
+        _Patch("megatron.core.pipeline_parallel.schedules", "torch", _cpu_torch_for_schedules),
+    ),
+    "tied_stage_copy": (
+        _Patch("megatron.core.models.common.language_module.language_module",
+               "LanguageModule.setup_embeddings_and_output_layer", _make_cpu_setup_embeddings),
     ),
 }
 

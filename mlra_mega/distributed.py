@@ -4,7 +4,8 @@ Rank and world come from the launcher's environment (torchrun and the deepspeed 
 RANK / WORLD_SIZE / LOCAL_RANK, srun sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID); a plain
 `python` process is a world of one. The backend is nccl where CUDA is available and gloo
 elsewhere, where `cpu.apply()` adapts megatron-core first; `parallel.backend=gloo` keeps gloo
-with GPUs (tensors stay on the GPU; several ranks may share one). Data-parallel size = world / TP.
+with GPUs (tensors stay on the GPU; several ranks may share one). Data-parallel size =
+world / (TP x PP), in megatron-core's rank order (TP fastest, then DP, then PP).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from mlra_mega import cpu
 from mlra_mega.config import ParallelConfig
 from mlra_mega.errors import ConfigError
 
-__all__ = ["ParallelContext", "DeepSpeedMPU", "LaunchEnv", "launch_env", "setup", "teardown", "seed_everything", "silent_ranks"]
+__all__ = ["ParallelContext", "DeepSpeedMPU", "LaunchEnv", "launch_env", "check_world", "from_stage", "setup", "teardown", "seed_everything", "silent_ranks"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class LaunchEnv:
 
 @dataclass(frozen=True)
 class ParallelContext:
-    """This process's place in the TP x DP layout, and the process groups of that layout.
+    """This process's place in the TP x PP x DP layout, and the process groups of that layout.
 
     Made once by `setup`; every component that needs a group or a rank takes it from here (the
     rest of the package never asks megatron's `parallel_state`, which only the model build reads).
@@ -57,27 +58,64 @@ class ParallelContext:
     backend: str
     tp_group: Any = None  # torch.distributed.ProcessGroup of this rank's tensor-parallel peers
     dp_group: Any = None  # ... and of its data-parallel peers (ZeRO shards over this one)
+    pp_size: int = 1
+    pp_rank: int = 0
+    pp_group: Any = None  # ... of the stages of its pipeline (same TP and DP rank)
+    pp_ranks: tuple[int, ...] = ()  # global ranks of that pipeline, first stage first
+    mp_group: Any = None  # ... of its model-parallel peers (TP x PP): one copy of the model
+    embedding_group: Any = None  # first and last stage of its pipeline (the tied embedding's two copies)
+    in_embedding_group: bool = False
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
 
 class DeepSpeedMPU:
     """The layout in the shape DeepSpeed's `mpu` argument expects, so ZeRO shards over the
-    data-parallel group only and gradient norms cover the whole tensor-parallel model."""
+    data-parallel group only and gradient norms cover the whole model (TP x PP).
+
+    The model-parallel group is TP x PP: ZeRO's norm all-reduces over it, so every stage clips by
+    the global norm; its rank names DeepSpeed's per-stage model file (`mp_rank_XX`). A parameter
+    that is not TP-sharded is counted where the *tensor*-parallel rank is 0, on every stage."""
 
     def __init__(self, ctx: ParallelContext) -> None:
         self.ctx = ctx
 
     def get_model_parallel_world_size(self) -> int:
-        return self.ctx.tp_size
+        return self.ctx.tp_size * self.ctx.pp_size
 
     def get_model_parallel_rank(self) -> int:
-        return self.ctx.tp_rank
+        return self.ctx.pp_rank * self.ctx.tp_size + self.ctx.tp_rank
 
     def get_model_parallel_group(self):
+        return self.ctx.mp_group
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.ctx.tp_rank
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.ctx.tp_size
+
+    def get_tensor_model_parallel_group(self):
         return self.ctx.tp_group
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.ctx.pp_size
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self.ctx.pp_rank
+
+    def get_pipeline_model_parallel_group(self):
+        return self.ctx.pp_group
 
     def get_data_parallel_world_size(self) -> int:
         return self.ctx.dp_size
@@ -123,6 +161,28 @@ def _init_process_group(env: LaunchEnv, backend: str, timeout_s: float) -> None:
     dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
 
 
+def check_world(tp: int, pp: int, world_size: int) -> int:
+    """The data-parallel size of TP x PP in this world, or a ConfigError naming the fix."""
+    if pp == 1 and world_size % tp:
+        raise ConfigError("parallel.tensor", f"{tp} does not divide the world size {world_size}",
+                          "launch a multiple of parallel.tensor processes, or change parallel.tensor")
+    if world_size % (tp * pp):
+        raise ConfigError("parallel.pipeline", f"tensor x pipeline = {tp} x {pp} does not divide the world size "
+                          f"{world_size}", f"launch a multiple of {tp * pp} processes, or change parallel.tensor / "
+                          "parallel.pipeline")
+    return world_size // (tp * pp)
+
+
+def from_stage(values: list[float], ctx: ParallelContext, *, last: bool) -> list[float]:
+    """`values` as the first (or last) pipeline stage has them, on every stage of the pipeline."""
+    if ctx.pp_size == 1:
+        return list(values)
+    src = ctx.pp_ranks[-1 if last else 0]
+    t = torch.tensor(values if ctx.rank == src else [0.0] * len(values), dtype=torch.float64, device=ctx.device)
+    dist.broadcast(t, src=src, group=ctx.pp_group)
+    return t.tolist()
+
+
 def seed_everything(seed: int) -> None:
     """Python, NumPy and torch (CPU and, where present, CUDA) from one seed."""
     random.seed(seed)
@@ -146,10 +206,7 @@ def setup(parallel: ParallelConfig, seed: int, *, timeout_s: float = 600.0) -> P
     env = launch_env()
     if dist.is_initialized():
         env = LaunchEnv(dist.get_rank(), dist.get_world_size(), env.local_rank, env.launcher)
-    if env.world_size % parallel.tensor:
-        raise ConfigError("parallel.tensor",
-                          f"{parallel.tensor} does not divide the world size {env.world_size}",
-                          "launch a multiple of parallel.tensor processes, or change parallel.tensor")
+    check_world(parallel.tensor, parallel.pipeline, env.world_size)
     if use_cuda:
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
@@ -159,10 +216,13 @@ def setup(parallel: ParallelConfig, seed: int, *, timeout_s: float = 600.0) -> P
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=parallel.tensor)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=parallel.tensor,
+                                             pipeline_model_parallel_size=parallel.pipeline)
 
     seed_everything(seed)
     model_parallel_cuda_manual_seed(seed)
+    # Middle stages hold no embedding group (megatron leaves it unset there).
+    in_embedding_group = parallel.pipeline > 1 and parallel_state.is_rank_in_embedding_group()
 
     return ParallelContext(
         rank=env.rank,
@@ -176,6 +236,13 @@ def setup(parallel: ParallelConfig, seed: int, *, timeout_s: float = 600.0) -> P
         backend=backend,
         tp_group=parallel_state.get_tensor_model_parallel_group(),
         dp_group=parallel_state.get_data_parallel_group(),
+        pp_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        pp_group=parallel_state.get_pipeline_model_parallel_group(),
+        pp_ranks=tuple(dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())),
+        mp_group=parallel_state.get_model_parallel_group(),
+        embedding_group=parallel_state.get_embedding_group() if in_embedding_group else None,
+        in_embedding_group=in_embedding_group,
     )
 
 

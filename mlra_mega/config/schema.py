@@ -21,7 +21,8 @@ from mlra_mega.errors import ConfigError
 __all__ = [
     "ConfigError", "MLRAConfig", "ModelConfig", "ParallelConfig", "ZeroConfig", "OptimConfig", "TrainConfig",
     "DataConfig", "MetricsConfig", "EvalConfig", "DiagnosticsConfig", "CheckpointConfig", "FaultsConfig",
-    "TrackingConfig", "ProfileConfig", "RunSection", "RunConfig", "check_tensor_parallel", "check_choices",
+    "TrackingConfig", "ProfileConfig", "RunSection", "RunConfig", "check_tensor_parallel", "check_pipeline",
+    "pipeline_split", "check_choices",
     "check_path_component", "describe_keys", "option",
 ]
 
@@ -143,11 +144,16 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """Tensor parallelism inside a node; data parallelism is world size / tensor."""
+    """Tensor parallelism inside a node, pipeline stages across; data parallelism is the rest
+    (world size / (tensor x pipeline))."""
 
-    tensor: int = option(1, "tensor-parallel size (data parallelism is world size / this)")
+    tensor: int = option(1, "tensor-parallel size (data parallelism is world size / (tensor x pipeline))")
     sequence_parallel: bool = option(False, "shard norms and dropout over the sequence (needs tensor >= 2)")
-    pipeline: int = option(1, "pipeline parallelism is not supported yet; kept so the refusal is clear")
+    pipeline: int = option(1, "pipeline stages (megatron-core's 1F1B schedule over the step's micro-batches; "
+                              "needs zero.stage=1)")
+    pipeline_layers: list[int] | None = option(
+        None, "[first, last]: transformer layers on the first and last stage when the layers do not split "
+              "evenly (the middle stages share the rest evenly)")
     # torch.distributed backend: auto = NCCL with GPUs, else gloo. gloo with GPUs keeps tensors on
     # the GPU and lets several ranks share one (NCCL refuses that): for tests on one GPU.
     backend: Literal["auto", "nccl", "gloo"] = option(
@@ -156,6 +162,14 @@ class ParallelConfig:
     def validate(self, prefix: str = "parallel") -> None:
         _require_positive(f"{prefix}.tensor", self.tensor)
         _require_positive(f"{prefix}.pipeline", self.pipeline)
+        if self.pipeline_layers is not None:
+            pl = self.pipeline_layers
+            if self.pipeline == 1:
+                raise ConfigError(f"{prefix}.pipeline_layers", "is set but parallel.pipeline is 1",
+                                  "set parallel.pipeline >= 2, or remove parallel.pipeline_layers")
+            if len(pl) != 2 or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in pl):
+                raise ConfigError(f"{prefix}.pipeline_layers", f"{_show(pl)} is not two positive layer counts",
+                                  "give [layers on the first stage, layers on the last stage], e.g. [3, 3]")
         if self.sequence_parallel and self.tensor == 1:
             raise ConfigError(f"{prefix}.sequence_parallel", "needs tensor parallelism (parallel.tensor is 1)",
                               "set parallel.tensor >= 2 or parallel.sequence_parallel=false")
@@ -508,12 +522,40 @@ class RunConfig:
             raise ConfigError("train.recompute_num_layers", f"{t.recompute_num_layers} is more than the model's "
                               f"{self.model.num_layers} layers", f"give 1 to {self.model.num_layers}")
         if self.parallel.pipeline > 1:
-            if self.zero.stage >= 2:
-                raise ConfigError("zero.stage", f"ZeRO-{self.zero.stage} cannot combine with pipeline parallelism "
-                                  f"(parallel.pipeline={self.parallel.pipeline})",
-                                  "use zero.stage=0 or 1, or parallel.pipeline=1")
-            raise ConfigError("parallel.pipeline", "pipeline parallelism is not supported yet",
-                              "use parallel.pipeline=1 and scale with parallel.tensor and data parallelism")
+            check_pipeline(self)
+
+
+def pipeline_split(num_layers: int, pipeline: int, first_last: list[int] | None) -> list[int]:
+    """Transformer layers per pipeline stage (a ConfigError naming the fix when they do not split)."""
+    if first_last is None or pipeline == 1:
+        if num_layers % pipeline:
+            raise ConfigError("parallel.pipeline", f"{pipeline} stages do not split model.num_layers={num_layers} "
+                              "evenly", f"choose a stage count dividing {num_layers}, or give "
+                              "parallel.pipeline_layers=[first,last] for an uneven split")
+        return [num_layers // pipeline] * pipeline
+    first, last = first_last
+    rest, middle = num_layers - first - last, pipeline - 2
+    if rest < 0 or (middle == 0 and rest) or (middle and (rest < middle or rest % middle)):
+        need = (f"first + last = {num_layers}" if middle == 0
+                else f"{num_layers} - first - last to be a positive multiple of the {middle} middle stages")
+        raise ConfigError("parallel.pipeline_layers", f"{first_last} does not split model.num_layers={num_layers} "
+                          f"over {pipeline} stages", f"choose counts with {need}")
+    return [first, *([rest // middle] * middle if middle else []), last]
+
+
+def check_pipeline(cfg: "RunConfig") -> None:
+    """What pipeline parallelism needs of the other sections."""
+    pp = cfg.parallel.pipeline
+    if cfg.zero.stage != 1:
+        why = ("partitions gradients during backward, which the pipeline schedule's own backward bypasses"
+               if cfg.zero.stage >= 2 else "clips with a norm that counts the stages' replicated parameters wrongly")
+        raise ConfigError("zero.stage", f"ZeRO-{cfg.zero.stage} cannot combine with pipeline parallelism "
+                          f"(parallel.pipeline={pp}): it {why}", "use zero.stage=1 with parallel.pipeline > 1")
+    pipeline_split(cfg.model.num_layers, pp, cfg.parallel.pipeline_layers)
+    if cfg.diagnostics.grad_variance_interval:
+        raise ConfigError("diagnostics.grad_variance_interval", "needs each micro-batch's gradient, which the "
+                          "pipeline schedule interleaves with other micro-batches' backward",
+                          "set it to 0 with parallel.pipeline > 1")
 
 
 def check_tensor_parallel(model: ModelConfig, tp: int) -> None:

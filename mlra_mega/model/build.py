@@ -58,13 +58,20 @@ def recompute_settings(recompute: str = "none", method: str = "uniform", num_lay
 
 def transformer_config(cfg: ModelConfig, *, tensor_parallel: int = 1, sequence_parallel: bool = False,
                        params_dtype: torch.dtype = torch.float32, bf16: bool = False,
-                       recompute: dict | None = None):
+                       recompute: dict | None = None, pipeline: int = 1, pipeline_layers: list[int] | None = None):
     """megatron-core TransformerConfig for this model (fusions off on CPU); `recompute` from
-    `recompute_settings`."""
+    `recompute_settings`; `pipeline` stages, `pipeline_layers` = [first, last] for an uneven split."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     residual_std = cfg.init_std / (2.0 * cfg.num_layers) ** 0.5 if cfg.scale_residual_init else cfg.init_std
     extra = dict(recompute or {})
+    if pipeline > 1:
+        extra.update(pipeline_model_parallel_size=pipeline, pipeline_dtype=torch.bfloat16 if bf16 else params_dtype,
+                     # The synchronize after batched p2p is a CUDA-stream guard; gloo's waits are enough.
+                     batch_p2p_sync=torch.cuda.is_available())
+        if pipeline_layers is not None:
+            extra.update(num_layers_in_first_pipeline_stage=pipeline_layers[0],
+                         num_layers_in_last_pipeline_stage=pipeline_layers[1])
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -92,11 +99,14 @@ def transformer_config(cfg: ModelConfig, *, tensor_parallel: int = 1, sequence_p
 
 def build_model(cfg: ModelConfig, *, tensor_parallel: int | None = None, sequence_parallel: bool = False,
                 params_dtype: torch.dtype = torch.float32, bf16: bool = False,
-                recompute: dict | None = None) -> torch.nn.Module:
-    """A megatron-core GPTModel for this config, holding this TP rank's shards (on the CPU)."""
+                recompute: dict | None = None, pipeline_layers: list[int] | None = None) -> torch.nn.Module:
+    """A megatron-core GPTModel for this config, holding this TP rank's shards of this pipeline
+    stage (on the CPU); the stage count is the initialised parallel state's."""
     from megatron.core import parallel_state
 
+    from mlra_mega.config import pipeline_split
     from mlra_mega.model.embedding import GPTModelWithEmbedding
+    from mlra_mega.model.pipeline import replay_init_before_stage
     from mlra_mega.model.specs import block_spec
 
     cfg.validate()
@@ -108,14 +118,20 @@ def build_model(cfg: ModelConfig, *, tensor_parallel: int | None = None, sequenc
                           f"{tensor_parallel} differs from the initialised tensor-parallel size "
                           f"{parallel_state.get_tensor_model_parallel_world_size()}",
                           "build the model after distributed.setup with the same parallel.tensor")
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    split = pipeline_split(cfg.num_layers, pp, pipeline_layers)
     tcfg = transformer_config(cfg, tensor_parallel=tensor_parallel, sequence_parallel=sequence_parallel,
-                              params_dtype=params_dtype, bf16=bf16,
-                              recompute=recompute)
+                              params_dtype=params_dtype, bf16=bf16, recompute=recompute, pipeline=pp,
+                              pipeline_layers=pipeline_layers)
+    replay_init_before_stage(cfg, tcfg, sum(split[:stage]), first_stage=stage == 0)
     return GPTModelWithEmbedding(
         config=tcfg,
-        transformer_layer_spec=block_spec(cfg),
+        transformer_layer_spec=block_spec(cfg, split[stage]),
         vocab_size=cfg.padded_vocab_size,
         max_sequence_length=cfg.max_positions,
+        pre_process=stage == 0,
+        post_process=stage == pp - 1,
         share_embeddings_and_output_weights=cfg.tie_embeddings,
         position_embedding_type="learned_absolute",
         embedding=cfg.embedding,

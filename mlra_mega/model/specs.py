@@ -86,6 +86,9 @@ def layer_spec(cfg: ModelConfig) -> ModuleSpec:
     return spec
 
 
-def block_spec(cfg: ModelConfig) -> TransformerBlockSubmodules:
-    """The decoder: `num_layers` of `layer_spec`, and our LayerNorm as the final norm."""
-    return TransformerBlockSubmodules(layer_specs=[layer_spec(cfg)] * cfg.num_layers, layer_norm=LayerNorm)
+def block_spec(cfg: ModelConfig, num_layers: int | None = None) -> TransformerBlockSubmodules:
+    """The decoder (or one pipeline stage's part of it): `num_layers` (default all) of
+    `layer_spec`, and our LayerNorm as the final norm. TransformerBlock builds every spec it is
+    given, so a stage lists only its own layers."""
+    n = cfg.num_layers if num_layers is None else num_layers
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(cfg)] * n, layer_norm=LayerNorm)

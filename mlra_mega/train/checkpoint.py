@@ -5,7 +5,9 @@ Layout of `<run dir>/checkpoints/`:
     step00000100/                  one checkpoint (a "tag")
       <DeepSpeed's files>          model / optimizer / scheduler shards of every rank
       model/tp00.pt ...            this TP rank's full parameters (DP rank 0 of each TP group
-                                   writes it; ZeRO-3 rows gathered first): what export reads
+                                   writes it; ZeRO-3 rows gathered first): what export reads;
+                                   with pipeline stages tp00-pp00.pt ..., one per stage, its
+                                   parameters under their PP=1 names (the tied copy left out)
       rng/rank00000.pt ...         every rank's RNG states (torch, numpy, python, megatron's tracker)
       sidecar.pt                   the trainer's state (step, data position, non-finite counts,
                                    callback states by name: the MLflow run id among them), the
@@ -39,11 +41,12 @@ from mlra_mega.config import CheckpointConfig, ConfigError, flatten
 from mlra_mega.distributed import ParallelContext
 from mlra_mega.errors import DataError, MlraMegaError
 from mlra_mega.files import atomic_write_text, file_sha256
+from mlra_mega.model.pipeline import global_name, is_tied_copy, layer_offset
 from mlra_mega.train.callbacks import Callback, Priority
 from mlra_mega.train.safe_load import safe_load
 from mlra_mega.zero import gathered
 
-__all__ = ["Checkpointer", "Checkpoint", "tag_for", "model_shard", "save_checkpoint", "find_checkpoint",
+__all__ = ["Checkpointer", "Checkpoint", "tag_for", "model_shard", "model_file", "save_checkpoint", "find_checkpoint",
            "load_checkpoint", "read_sidecar", "is_complete", "checkpoint_problem", "package_versions", "rng_state",
            "set_rng_state"]
 
@@ -109,10 +112,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def model_shard(engine: Any) -> dict[str, torch.Tensor]:
-    """This rank's parameters, whole (ZeRO-3: gathered over DP; a collective there)."""
-    params = dict(engine.module.named_parameters())
+    """This rank's parameters, whole (ZeRO-3: gathered over DP; a collective there), under
+    their PP=1 names; a pipeline stage's copy of the tied matrix is left out (the first stage's
+    is the same)."""
+    model = engine.module
+    params = dict(model.named_parameters())
+    offset = layer_offset(model)
     with gathered(params.values()):
-        return {n: p.detach().clone().cpu() for n, p in params.items()}
+        return {global_name(n, offset): p.detach().clone().cpu() for n, p in params.items()
+                if not is_tied_copy(model, n)}
+
+
+def model_file(tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    """The name, under model/, of a TP rank's (and stage's) parameter file."""
+    return f"tp{tp_rank:02d}.pt" if pp_size == 1 else f"tp{tp_rank:02d}-pp{pp_rank:02d}.pt"
 
 
 def _write_manifest(path: Path) -> None:
@@ -135,8 +148,9 @@ def checkpoint_problem(path: Path, verify_hashes: bool = False) -> str | None:
             return f"{name} has {f.stat().st_size} bytes, the manifest says {entry['size']}"
         if verify_hashes and file_sha256(f) != entry["sha256"]:
             return f"{name} does not match its sha256 in the manifest"
-    for needed, what in ((SIDECAR, SIDECAR), ("model/tp00.pt", "model/tp00.pt"), ("rng/", "the RNG states (rng/)")):
-        if not any(name == needed or (needed.endswith("/") and name.startswith(needed)) for name in files):
+    for needed, what in ((SIDECAR, SIDECAR), ("model/tp00", "model/tp00.pt"), ("rng/", "the RNG states (rng/)")):
+        if not any(name == needed + ".pt" or name.startswith(needed + "-pp") or
+                   (needed.endswith("/") and name.startswith(needed)) for name in files):
             return f"its manifest does not list {what}"
     return None
 
@@ -147,7 +161,8 @@ def is_complete(path: Path, verify_hashes: bool = False) -> bool:
 
 
 def save_checkpoint(engine: Any, root: Path, step: int, sidecar: dict[str, Any], *, is_main: bool,
-                    dp_rank: int, tp_rank: int, tokenizer_dir: Path | None, keep: int) -> Checkpoint:
+                    dp_rank: int, tp_rank: int, tokenizer_dir: Path | None, keep: int, pp_rank: int = 0,
+                    pp_size: int = 1) -> Checkpoint:
     """Writes checkpoint `step` under `root` on every rank; rank 0 then points `latest` at it."""
     tag = tag_for(step)
     path = root / tag
@@ -158,7 +173,7 @@ def save_checkpoint(engine: Any, root: Path, step: int, sidecar: dict[str, Any],
     torch.save(rng_state(), path / "rng" / f"rank{rank:05d}.pt")
     if dp_rank == 0:
         (path / "model").mkdir(exist_ok=True)
-        torch.save(shard, path / "model" / f"tp{tp_rank:02d}.pt")
+        torch.save(shard, path / "model" / model_file(tp_rank, pp_rank, pp_size))
     if is_main:
         torch.save(sidecar, path / SIDECAR)
         if tokenizer_dir is not None:
@@ -257,6 +272,8 @@ class Checkpointer(Callback):
         self.run_dir = run_dir
         self.config = config  # the run's resolved config, credentials masked: what the sidecar keeps
         self.layout = {"tensor": ctx.tp_size, "data": ctx.dp_size, "zero_stage": zero_stage}
+        if ctx.pp_size > 1:  # absent from checkpoints made before pipeline parallelism: 1
+            self.layout["pipeline"] = ctx.pp_size
         self.log = log if ctx.is_main else (lambda s: None)
         self.last: Checkpoint | None = None
         self.last_save_s: float | None = None  # how long the last save took (the SIGTERM budget)
@@ -317,10 +334,12 @@ class Checkpointer(Callback):
             raise ConfigError("checkpoint", f"{ckpt.path} was made by a different model: {', '.join(differ)}",
                               "resume with the model config it was made with, or start a new run.dir")
         layout = sidecar["layout"]
-        changed = [f"{k} {layout[k]} -> {v}" for k, v in self.layout.items() if layout[k] != v]
+        changed = [f"{k} {layout.get(k, 1)} -> {v}" for k, v in self.layout.items() if layout.get(k, 1) != v]
+        if layout.get("pipeline", 1) != self.layout.get("pipeline", 1) and "pipeline" not in self.layout:
+            changed.append(f"pipeline {layout['pipeline']} -> 1")
         if changed:
             raise ConfigError("checkpoint", f"{ckpt.path} was written at another layout: {', '.join(changed)}",
-                              "resume with the same parallel.tensor, world size and zero.stage")
+                              "resume with the same parallel.tensor, parallel.pipeline, world size and zero.stage")
 
     def rollback_target(self, counter: Any, bad_step: int, consumed_samples: int) -> Checkpoint:
         """The newest whole checkpoint from before the current run of skipped steps (`counter`, a
@@ -358,7 +377,7 @@ class Checkpointer(Callback):
         try:
             self.last = save_checkpoint(trainer.engine, self.root, trainer.step, sidecar, is_main=ctx.is_main,
                                         dp_rank=ctx.dp_rank, tp_rank=ctx.tp_rank, tokenizer_dir=self.tokenizer_dir,
-                                        keep=self.section.keep)
+                                        keep=self.section.keep, pp_rank=ctx.pp_rank, pp_size=ctx.pp_size)
         except (OSError, RuntimeError) as exc:
             if not _is_write_failure(exc):
                 raise

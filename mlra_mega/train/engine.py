@@ -28,8 +28,11 @@ from mlra_mega.train.safe_load import make_engine_loads_safe
 __all__ = ["deepspeed_config", "param_groups", "lr_factor", "apply_schedule", "build_engine"]
 
 
-def deepspeed_config(train: TrainConfig, optim: OptimConfig, zero: ZeroConfig, dp_size: int) -> dict[str, Any]:
-    """The effective DeepSpeed config: `zero.template` (if any) with our fields on top."""
+def deepspeed_config(train: TrainConfig, optim: OptimConfig, zero: ZeroConfig, dp_size: int,
+                     pipeline: bool = False) -> dict[str, Any]:
+    """The effective DeepSpeed config: `zero.template` (if any) with our fields on top. With
+    `pipeline` the schedule owns the micro-batch loop: DeepSpeed sees one micro-batch of all of a
+    rank's samples per step and no accumulation."""
     base: dict[str, Any] = {}
     if zero.template:
         path = Path(zero.template)
@@ -43,8 +46,9 @@ def deepspeed_config(train: TrainConfig, optim: OptimConfig, zero: ZeroConfig, d
     t = train
     ds = copy.deepcopy(base)
     ds["train_batch_size"] = t.global_batch_size
-    ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
-    ds["gradient_accumulation_steps"] = t.global_batch_size // (t.micro_batch_size * dp_size)
+    accumulation = t.global_batch_size // (t.micro_batch_size * dp_size)
+    ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size * (accumulation if pipeline else 1)
+    ds["gradient_accumulation_steps"] = 1 if pipeline else accumulation
     ds["gradient_clipping"] = optim.clip_grad
     ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": zero.stage}
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": t.precision == "bf16"}
@@ -104,7 +108,7 @@ def build_engine(model: torch.nn.Module, ctx: ParallelContext, train: TrainConfi
     """(DeepSpeed engine, effective DeepSpeed config) for the model and this run's settings."""
     import deepspeed  # seconds to import: not for the commands that never build an engine
 
-    ds_cfg = deepspeed_config(train, optim, zero, ctx.dp_size)
+    ds_cfg = deepspeed_config(train, optim, zero, ctx.dp_size, pipeline=ctx.pp_size > 1)
     opt = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
                             betas=optim.betas, eps=optim.eps, fused=optim.fused or None)
     total = train.steps

@@ -44,16 +44,14 @@ __all__ = ["validate_layout", "resolve_run_dir", "train"]
 
 def validate_layout(cfg: RunConfig, world_size: int) -> int:
     """The data-parallel size of this layout, or a ConfigError saying what does not fit."""
-    tp = cfg.parallel.tensor
-    if world_size % tp:
-        raise ConfigError("parallel.tensor", f"{tp} does not divide the world size {world_size}",
-                          "launch a multiple of parallel.tensor processes, or change parallel.tensor")
-    dp = world_size // tp
+    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    dp = distributed.check_world(tp, pp, world_size)
     t = cfg.train
     if t.global_batch_size % (t.micro_batch_size * dp):
+        layout = f"tensor {tp}" if pp == 1 else f"tensor {tp} x pipeline {pp}"
         raise ConfigError("train.global_batch_size",
                           f"{t.global_batch_size} is not divisible by micro_batch_size x data-parallel size "
-                          f"= {t.micro_batch_size} x {dp} (world {world_size} / tensor {tp})",
+                          f"= {t.micro_batch_size} x {dp} (world {world_size} / {layout})",
                           f"use a multiple of {t.micro_batch_size * dp}, or change train.micro_batch_size")
     if cfg.diagnostics.grad_variance_interval and t.global_batch_size // t.micro_batch_size < 2:
         raise ConfigError("diagnostics.grad_variance_interval", f"needs at least two micro-batches per step, "
@@ -180,7 +178,8 @@ def _run(cfg: RunConfig, ctx: ParallelContext, engine, batches: TrainBatches, da
     if ctx.is_main:
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(public_dict(cfg), sort_keys=False))
         atomic_write_text(run_dir / "deepspeed.json", json.dumps(ds_cfg, indent=2) + "\n")
-        log(f"[train] run dir {run_dir}; {ctx.world_size} processes = tensor {ctx.tp_size} x data {ctx.dp_size}, "
+        stages = f" x pipeline {ctx.pp_size}" if ctx.pp_size > 1 else ""
+        log(f"[train] run dir {run_dir}; {ctx.world_size} processes = tensor {ctx.tp_size}{stages} x data {ctx.dp_size}, "
             f"ZeRO-{cfg.zero.stage}, {cfg.train.precision}"
             + (f"; resuming {ckpt.path} at step {sidecar['step']}" if ckpt else ""))
         if ckpt is not None:
@@ -217,7 +216,8 @@ def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), log: Callable[[str
         model = build_model(cfg.model, tensor_parallel=ctx.tp_size, sequence_parallel=cfg.parallel.sequence_parallel,
                             bf16=cfg.train.precision == "bf16",
                             recompute=recompute_settings(cfg.train.recompute, cfg.train.recompute_method,
-                                                         cfg.train.recompute_num_layers))
+                                                         cfg.train.recompute_num_layers),
+                            pipeline_layers=cfg.parallel.pipeline_layers)
         engine, ds_cfg = build_engine(model.to(ctx.device), ctx, cfg.train, cfg.optim, cfg.zero)
         run_dir = resolve_run_dir(cfg, ctx)
         lock = _lock_run_dir(cfg, ctx, run_dir, log)

@@ -134,6 +134,12 @@ class TrainStep:
         mask = batch["loss_mask"].to(dev).float()
         return (per_token.float() * mask).sum() / mask.sum()
 
+    def evaluate(self, global_batches: Sequence[Sequence[dict[str, torch.Tensor]]]) -> float:
+        """Mean loss over every micro-batch of these global batches and every data-parallel rank."""
+        with torch.no_grad():
+            losses = [self.loss(b) for micro in global_batches for b in micro]
+        return self.dp_mean(losses)
+
     def dp_mean(self, values: Sequence[torch.Tensor]) -> float:
         """The mean of this rank's values, averaged over the data-parallel ranks (float64)."""
         mean = torch.stack([v.detach().float() for v in values]).mean().to(torch.float64)

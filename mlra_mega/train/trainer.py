@@ -25,11 +25,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
 
 from mlra_mega.config import EvalConfig, MetricsConfig, ModelConfig, OptimConfig, TrainConfig
 from mlra_mega.data.datasets import SampleOrder, TrainBatches
-from mlra_mega.distributed import ParallelContext
+from mlra_mega.distributed import ParallelContext, from_stage
 from mlra_mega.errors import MlraMegaError
 from mlra_mega.metrics.tev import embedding_tev
 from mlra_mega.metrics.throughput import throughput
@@ -38,6 +37,7 @@ from mlra_mega.train.callbacks import Callback, sort_callbacks
 from mlra_mega.train.checkpoint import Checkpoint, Checkpointer
 from mlra_mega.train.engine import apply_schedule
 from mlra_mega.train.nonfinite import NanDrill, NonFiniteCounter
+from mlra_mega.train.pipeline_step import PipelineStep
 from mlra_mega.train.step import TrainStep
 
 __all__ = ["StepMetrics", "Trainer"]
@@ -83,7 +83,8 @@ class Trainer:
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
             raise ValueError(f"two callbacks share the state name {dup!r}: give one of them another `name`")
-        self.step_object = TrainStep(engine, ctx, zero_stage=self._zero_stage(engine), drill=drill)
+        step_class = PipelineStep if ctx.pp_size > 1 else TrainStep
+        self.step_object = step_class(engine, ctx, zero_stage=self._zero_stage(engine), drill=drill)
         self.nonfinite = NonFiniteCounter(train.max_consecutive_skips)
         self.step = 0
         self.total_steps = train.steps
@@ -156,15 +157,24 @@ class Trainer:
                      f"all ranks ({self.nonfinite.consecutive} in a row, {self.nonfinite.skipped_total} in this run)")
         tev = None
         if self.metrics_cfg.tev_interval and self.step % self.metrics_cfg.tev_interval == 0:
-            tev = embedding_tev(self.model, self.model_cfg.vocab_size, self.ctx.tp_group)
+            tev = self._tev()
         elapsed = time.perf_counter() - start
         tp = throughput(self.tokens_per_step, elapsed, self.flops_per_token, self.ctx.world_size,
                         self.metrics_cfg.peak_tflops)
         return StepMetrics(step=self.step, loss=out.loss, lr=out.lr, grad_norm=out.grad_norm,
                            consumed_samples=self.batches.consumed_samples, step_time_s=elapsed,
                            tokens_per_s=tp.tokens_per_s, tflops_per_device=tp.tflops_per_device, mfu=tp.mfu,
-                           tev_mean=tev.mean if tev else None, tev_std=tev.std if tev else None,
+                           tev_mean=tev[0] if tev else None, tev_std=tev[1] if tev else None,
                            skipped_steps=self.nonfinite.skipped_total, skipped=1 if out.skipped else None)
+
+    def _tev(self) -> tuple[float, float]:
+        """(mean, std) of TEV, from the stage holding the input embedding (exact over its TP group)."""
+        stats = [0.0, 0.0]
+        if self.ctx.first_stage:
+            tev = embedding_tev(self.model, self.model_cfg.vocab_size, self.ctx.tp_group)
+            stats = [tev.mean, tev.std]
+        mean, std = from_stage(stats, self.ctx, last=False)
+        return mean, std
 
     def roll_back(self) -> None:
         """Back to the newest complete checkpoint from before the non-finite steps; the data
@@ -194,11 +204,9 @@ class Trainer:
                                dp_rank=self.ctx.dp_rank, dp_size=self.ctx.dp_size)
         self.engine.eval()
         try:
-            with torch.no_grad():
-                losses = [self.step_object.loss(b) for _ in range(iters) for b in batches.next_global_batch()]
+            loss = self.step_object.evaluate([batches.next_global_batch() for _ in range(iters)])
         finally:
             self.engine.train()
-        loss = self.step_object.dp_mean(losses)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
     def _eval_due(self) -> bool:

@@ -1,0 +1,147 @@
+"""Pipeline parallelism trains like one process: every layout, variant and embedding tie.
+
+Reference: one process (PP=1, ZeRO-0, fp32). Compared over 8 steps on the same global batches
+(4 layers, hidden 64, 4 micro-batches per step, clipping active on every step): the loss, the
+pre-clip gradient norm and TEV, for PP=2 (world 2), PP=4 (4), TP=2 x PP=2 (4), PP=2 x DP=2 (4)
+and TP=2 x PP=2 x DP=2 (8), within 1e-5 relative; bf16 at PP=2 within 2e-2. Also: a stage's
+weights at init are the PP=1 model's (the init replay), an uneven split trains like the rest,
+the checkpoint's per-stage parameter files hold the PP=1 names.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mlra_mega.config import ConfigError, load_config
+from tests.conftest import TrainData, train_data
+from tests.dist import dist_case, dist_result
+
+pytestmark = pytest.mark.slow  # every test here launches processes
+
+CLIP = 0.05
+STEPS = 8
+REL = 1e-5
+BF16_REL = 2e-2
+BASE = ["model.num_layers=4", "model.hidden_size=64", "model.num_heads=4", "model.seq_length=32",
+        f"train.steps={STEPS}", "train.global_batch_size=8", "train.micro_batch_size=2",
+        f"optim.clip_grad={CLIP}", "optim.lr=1e-3", "optim.warmup_steps=2", "metrics.tev_interval=4",
+        "eval.interval=0", "tracking.enabled=false"]
+# The model variants compared (model.* overrides); each layout runs those named for it.
+VARIANTS = {
+    "mlra": ["model.attention=mlra"],
+    "mlra_untied": ["model.attention=mlra", "model.tie_embeddings=false"],
+    "mha": ["model.attention=mha"],
+    "mha_untied": ["model.attention=mha", "model.tie_embeddings=false"],
+    "mlra_scaled": ["model.attention=mlra", "model.embedding=scaled"],
+    "mlra_embed_ln": ["model.attention=mlra", "model.embedding=layernorm"],
+}
+# layout -> (world size, parallel overrides, variants)
+LAYOUTS = {
+    "pp2": (2, ["parallel.pipeline=2"], ["mlra", "mlra_untied", "mha", "mha_untied", "mlra_scaled", "mlra_embed_ln"]),
+    "pp2_uneven": (2, ["parallel.pipeline=2", "parallel.pipeline_layers=[1,3]"], ["mlra"]),
+    "pp4": (4, ["parallel.pipeline=4"], ["mlra"]),
+    "tp2_pp2": (4, ["parallel.pipeline=2", "parallel.tensor=2"], ["mlra", "mlra_untied", "mha", "mha_untied"]),
+    "pp2_dp2": (4, ["parallel.pipeline=2"], ["mlra"]),
+    "tp2_pp2_dp2": (8, ["parallel.pipeline=2", "parallel.tensor=2"], ["mlra"]),
+}
+
+
+def _overrides(data: TrainData, extra: list[str]) -> list[str]:
+    return [*BASE, *data.overrides(), *extra]
+
+
+def _train(data: TrainData, extra: list[str], callbacks=()) -> dict:
+    from mlra_mega.train.run import train
+
+    history, run_dir = train(load_config(None, _overrides(data, extra)), callbacks, log=lambda s: None)
+    return {"loss": [m.loss for m in history], "grad_norm": [m.grad_norm for m in history],
+            "tev": [m.tev_mean for m in history if m.tev_mean is not None], "run_dir": str(run_dir)}
+
+
+@pytest.fixture(scope="module")
+def data(tokenizer_dir, sample_dataset: str, tmp_path_factory: pytest.TempPathFactory) -> TrainData:
+    return train_data(tokenizer_dir, sample_dataset, tmp_path_factory, "runs")
+
+
+@dist_case(1)
+def reference(data: TrainData) -> dict:
+    return {v: _train(data, ["zero.stage=0", *VARIANTS[v]]) for v in VARIANTS}
+
+
+def _layouts(world: int, data: TrainData) -> dict:
+    out = {}
+    for name, (w, extra, variants) in LAYOUTS.items():
+        if w == world:
+            out[name] = {v: _train(data, [*extra, *VARIANTS[v]]) for v in variants}
+    return out
+
+
+@dist_case(2)
+def world2(data: TrainData) -> dict:
+    out = _layouts(2, data)
+    out["bf16"] = _train(data, ["parallel.pipeline=2", "train.precision=bf16", *VARIANTS["mlra"]])
+    return out
+
+
+@dist_case(4)
+def world4(data: TrainData) -> dict:
+    return _layouts(4, data)
+
+
+@dist_case(8)
+def world8(data: TrainData) -> dict:
+    return _layouts(8, data)
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+def _check(run: dict, ref: dict, tol: float) -> None:
+    assert len(run["loss"]) == len(ref["loss"]) == STEPS
+    assert all(g > CLIP for g in ref["grad_norm"] + run["grad_norm"]), "clipping must fire on every step"
+    for step, (a, b) in enumerate(zip(run["loss"], ref["loss"]), start=1):
+        assert _rel(a, b) <= tol, f"loss at step {step}: {a} vs {b}"
+    for step, (a, b) in enumerate(zip(run["grad_norm"], ref["grad_norm"]), start=1):
+        assert _rel(a, b) <= tol, f"grad norm at step {step}: {a} vs {b}"
+    assert len(run["tev"]) == len(ref["tev"]) == 2
+    assert all(_rel(a, b) <= tol for a, b in zip(run["tev"], ref["tev"])), (run["tev"], ref["tev"])
+
+
+CASES = [(layout, v) for layout, (_, _, variants) in LAYOUTS.items() for v in variants]
+
+
+@pytest.mark.parametrize("layout,variant", CASES, ids=[f"{a}-{b}" for a, b in CASES])
+def test_pipeline_matches_one_process(layout: str, variant: str, data: TrainData) -> None:
+    (ref,) = dist_result(__name__, 1, "reference", data=data)
+    world = LAYOUTS[layout][0]
+    for rank_runs in dist_result(__name__, world, f"world{world}", data=data):
+        _check(rank_runs[layout][variant], ref[variant], REL)
+
+
+def test_bf16_pipeline_tracks_fp32(data: TrainData) -> None:
+    (ref,) = dist_result(__name__, 1, "reference", data=data)
+    for run in dist_result(__name__, 2, "world2", data=data):
+        run = run["bf16"]
+        assert max(_rel(a, b) for a, b in zip(run["loss"], ref["mlra"]["loss"])) <= BF16_REL
+        assert all(g > CLIP for g in run["grad_norm"])
+
+
+def test_pipeline_refusals(data: TrainData) -> None:
+    with pytest.raises(ConfigError, match="zero.stage.*ZeRO-2 cannot combine with pipeline"):
+        load_config(None, _overrides(data, ["parallel.pipeline=2", "zero.stage=2"]))
+    with pytest.raises(ConfigError, match="zero.stage.*ZeRO-3"):
+        load_config(None, _overrides(data, ["parallel.pipeline=2", "zero.stage=3"]))
+    with pytest.raises(ConfigError, match="parallel.pipeline: 3 stages do not split model.num_layers=4"):
+        load_config(None, _overrides(data, ["parallel.pipeline=3"]))
+    with pytest.raises(ConfigError, match=r"parallel.pipeline_layers: \[2, 3\] does not split"):
+        load_config(None, _overrides(data, ["parallel.pipeline=2", "parallel.pipeline_layers=[2,3]"]))
+    with pytest.raises(ConfigError, match="diagnostics.grad_variance_interval"):
+        load_config(None, _overrides(data, ["parallel.pipeline=2", "diagnostics.grad_variance_interval=2"]))
+    cfg = load_config(None, _overrides(data, ["parallel.pipeline=2", "parallel.tensor=2"]))
+    from mlra_mega.train.run import validate_layout
+
+    with pytest.raises(ConfigError, match="parallel.pipeline: tensor x pipeline = 2 x 2 does not divide the world "
+                                          "size 6"):
+        validate_layout(cfg, 6)
+    assert validate_layout(cfg, 8) == 2
