@@ -148,9 +148,11 @@ def checkpoint_problem(path: Path, verify_hashes: bool = False) -> str | None:
             return f"{name} has {f.stat().st_size} bytes, the manifest says {entry['size']}"
         if verify_hashes and file_sha256(f) != entry["sha256"]:
             return f"{name} does not match its sha256 in the manifest"
-    for needed, what in ((SIDECAR, SIDECAR), ("model/tp00", "model/tp00.pt"), ("rng/", "the RNG states (rng/)")):
-        if not any(name == needed + ".pt" or name.startswith(needed + "-pp") or
-                   (needed.endswith("/") and name.startswith(needed)) for name in files):
+    wanted = ((lambda n: n == SIDECAR, SIDECAR),
+              (lambda n: n == "model/tp00.pt" or n.startswith("model/tp00-pp"), "model/tp00.pt"),
+              (lambda n: n.startswith("rng/"), "the RNG states (rng/)"))
+    for listed, what in wanted:
+        if not any(listed(name) for name in files):
             return f"its manifest does not list {what}"
     return None
 

@@ -7,9 +7,11 @@ The statistics themselves are in `mlra_mega.metrics.stability`.
 - `LayerNorms` (every `diagnostics.interval` steps): pre-clip gradient norm and parameter norm
   per layer, `grad_norm/<group>`, `param_norm/<group>`. Gradients are read between the last
   backward and the optimizer with DeepSpeed's `safe_get_full_grad` (reduced, whole; ZeRO 0-3).
+  With pipeline stages every stage measures its own layers under their global numbers and the
+  stages' groups are gathered (a stage's copy of the tied matrix is not counted again).
 - `ResidualProbe` (same interval): `resid_var/layer_00` (embedding output) .. `layer_L`, from
-  forward hooks over the step's whole batch (every micro-batch, every data-parallel rank), so
-  every layout reports the same value.
+  forward hooks over the step's whole batch (every micro-batch, every data-parallel rank and
+  pipeline stage), so every layout reports the same value.
 - `SpikeMonitor` (every step): `loss_spike_score`, `loss_spikes` (count), `tev_jumps` (count of
   TEV means moving by more than `diagnostics.tev_jump` between measurements).
 - `GradVariance` (every `diagnostics.grad_variance_interval` steps, ZeRO 0/1): `grad_var` and
@@ -29,6 +31,7 @@ from mlra_mega.config import DiagnosticsConfig
 from mlra_mega.metrics.stability import (SpikeDetector, grad_variance, group_of, moments, norms_by_group, spearman,
                                          sum_of_squares, variance_from_moments)
 from mlra_mega.metrics.tev import embedding_tev
+from mlra_mega.model.pipeline import global_name, is_tied_copy, layer_offset
 from mlra_mega.train.callbacks import Callback, Priority
 from mlra_mega.zero import gathered
 
@@ -37,6 +40,21 @@ __all__ = ["GradVariance", "LayerNorms", "ResidualProbe", "SpikeMonitor", "stabi
 
 def _sharded(p: torch.nn.Parameter) -> bool:
     return bool(getattr(p, "tensor_model_parallel", False))
+
+
+def _stage_params(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(global name, parameter) of this stage, its copy of a tied matrix left out."""
+    offset = layer_offset(model)
+    return [(global_name(n, offset), p) for n, p in model.named_parameters() if not is_tied_copy(model, n)]
+
+
+def _over_stages(norms: dict[str, float], ctx: Any) -> dict[str, float]:
+    """Every stage's {group: norm} (their groups are disjoint), on every stage."""
+    if ctx.pp_size == 1:
+        return norms
+    parts: list[Any] = [None] * ctx.pp_size
+    dist.all_gather_object(parts, norms, group=ctx.pp_group)
+    return {k: v for part in parts for k, v in part.items()}
 
 
 def _full_grad(p: torch.nn.Parameter) -> torch.Tensor:
@@ -62,16 +80,17 @@ class LayerNorms(Callback):
         if trainer.step % self.interval:
             return
         ctx = trainer.ctx
-        named = [(n, _full_grad(p), _sharded(p)) for n, p in trainer.model.named_parameters() if self._wanted(n)]
-        self._grads = norms_by_group(named, ctx.tp_rank, ctx.tp_group)
+        named = [(n, _full_grad(p), _sharded(p)) for n, p in _stage_params(trainer.model) if self._wanted(n)]
+        self._grads = _over_stages(norms_by_group(named, ctx.tp_rank, ctx.tp_group), ctx)
 
     def on_step_end(self, trainer: Any, metrics: Any) -> None:
         if metrics.step % self.interval:
             return
         ctx = trainer.ctx
-        params = [(n, p) for n, p in trainer.model.named_parameters() if self._wanted(n)]
+        params = [(n, p) for n, p in _stage_params(trainer.model) if self._wanted(n)]
         with gathered(p for _, p in params):
             norms = norms_by_group([(n, p, _sharded(p)) for n, p in params], ctx.tp_rank, ctx.tp_group)
+        norms = _over_stages(norms, ctx)
         for k, v in self._grads.items():
             trainer.record_metric(f"grad_norm/{k}", v)
         for k, v in norms.items():
@@ -86,17 +105,16 @@ class ResidualProbe(Callback):
         self.interval, self.layers = diagnostics.interval, diagnostics.layers
         self.sequence_parallel = sequence_parallel
         self._moments: dict[tuple[str, int], torch.Tensor] = {}
-        self._micro = -1  # the micro-batch the forward is on: the embedding runs once per micro-batch
+        self._micro = -1  # the micro-batch the forward is on: the model (stage) runs once per micro-batch
         self._trainer: Any = None
         self._handles: list[Any] = []
+        self._keys: list[str] = []  # every stage's keys, in one order
 
     def _hook(self, key: str):
         def record(module: torch.nn.Module, args: Any, output: Any) -> None:
             t = self._trainer
             if not module.training or t.step % self.interval:  # not evaluation, not another step
                 return
-            if key == "layer_00":
-                self._micro += 1
             if (key, self._micro) in self._moments:  # activation checkpointing's recomputation
                 return
             hidden = output[0] if isinstance(output, tuple) else output
@@ -106,19 +124,31 @@ class ResidualProbe(Callback):
             self._moments[key, self._micro] = m if (self.sequence_parallel or tp_rank == 0) else torch.zeros_like(m)
         return record
 
+    def _next_micro(self, module: torch.nn.Module, args: Any) -> None:
+        self._micro += 1
+
     def on_fit_start(self, trainer: Any) -> None:
         self._trainer = trainer
         model = trainer.model
-        self._handles = [model.embedding.register_forward_hook(self._hook("layer_00"))]
-        for i, layer in enumerate(model.decoder.layers):
+        # Recomputation re-runs layers, never the whole model: its forwards count micro-batches.
+        self._handles = [model.register_forward_pre_hook(self._next_micro)]
+        if getattr(model, "pre_process", True):
+            self._handles.append(model.embedding.register_forward_hook(self._hook("layer_00")))
+        offset = layer_offset(model)
+        for i, layer in enumerate(model.decoder.layers, start=offset):
             if self.layers is None or i in self.layers:
                 self._handles.append(layer.register_forward_hook(self._hook(f"layer_{i + 1:02d}")))
+        layers = range(trainer.model_cfg.num_layers) if self.layers is None else self.layers
+        self._keys = ["layer_00", *(f"layer_{i + 1:02d}" for i in sorted(layers))]
 
     def on_step_end(self, trainer: Any, metrics: Any) -> None:
         if metrics.step % self.interval:
             return
-        keys = sorted({k for k, _ in self._moments})
-        stacked = torch.stack([sum(m for (k, _), m in self._moments.items() if k == key) for key in keys])
+        keys = self._keys
+        dev = trainer.ctx.device
+        zero = torch.zeros(3, dtype=torch.float64, device=dev)
+        stacked = torch.stack([sum((m.to(dev) for (k, _), m in self._moments.items() if k == key), zero)
+                               for key in keys])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(stacked)  # every micro-batch of every data-parallel rank: the whole batch
         for k, m in zip(keys, stacked.cpu()):

@@ -2,7 +2,8 @@
 
 Reference: one process (PP=1, ZeRO-0, fp32). Compared over 8 steps on the same global batches
 (4 layers, hidden 64, 4 micro-batches per step, clipping active on every step): the loss, the
-pre-clip gradient norm and TEV, for PP=2 (world 2), PP=4 (4), TP=2 x PP=2 (4), PP=2 x DP=2 (4)
+pre-clip gradient norm, TEV and the per-layer diagnostics (gradient and parameter norms,
+residual variance, by global layer number), for PP=2 (world 2), PP=4 (4), TP=2 x PP=2 (4), PP=2 x DP=2 (4)
 and TP=2 x PP=2 x DP=2 (8), within 1e-5 relative; bf16 at PP=2 within 2e-2. Also: a stage's
 weights at init are the PP=1 model's (the init replay), an uneven split trains like the rest,
 the checkpoint's per-stage parameter files hold the PP=1 names.
@@ -25,7 +26,7 @@ BF16_REL = 2e-2
 BASE = ["model.num_layers=4", "model.hidden_size=64", "model.num_heads=4", "model.seq_length=32",
         f"train.steps={STEPS}", "train.global_batch_size=8", "train.micro_batch_size=2",
         f"optim.clip_grad={CLIP}", "optim.lr=1e-3", "optim.warmup_steps=2", "metrics.tev_interval=4",
-        "eval.interval=0", "tracking.enabled=false"]
+        "eval.interval=0", "tracking.enabled=false", "diagnostics.interval=4"]
 # The model variants compared (model.* overrides); each layout runs those named for it.
 VARIANTS = {
     "mlra": ["model.attention=mlra"],
@@ -55,7 +56,8 @@ def _train(data: TrainData, extra: list[str], callbacks=()) -> dict:
 
     history, run_dir = train(load_config(None, _overrides(data, extra)), callbacks, log=lambda s: None)
     return {"loss": [m.loss for m in history], "grad_norm": [m.grad_norm for m in history],
-            "tev": [m.tev_mean for m in history if m.tev_mean is not None], "run_dir": str(run_dir)}
+            "tev": [m.tev_mean for m in history if m.tev_mean is not None], "run_dir": str(run_dir),
+            "layers": [{k: v for k, v in m.extra.items() if "/" in k} for m in history if m.step % 4 == 0]}
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +85,21 @@ def world2(data: TrainData) -> dict:
     return out
 
 
+RESUME = ["parallel.pipeline=2", "model.attention=mlra", "model.hidden_dropout=0.1", "model.attention_dropout=0.1",
+          "checkpoint.interval=4"]
+
+
 @dist_case(4)
 def world4(data: TrainData) -> dict:
-    return _layouts(4, data)
+    import os
+
+    out = _layouts(4, data)
+    # PP=2 x DP=2 with dropout: straight, and stopped at step 4 then resumed from its checkpoint.
+    root = os.path.join(data.runs, "resume")
+    out["straight"] = _train(data, [*RESUME, f"run.dir={root}/straight"])
+    out["stopped"] = _train(data, [*RESUME, f"run.dir={root}/resumed", "train.stop_at=4"])
+    out["resumed"] = _train(data, [*RESUME, f"run.dir={root}/resumed"])
+    return out
 
 
 @dist_case(8)
@@ -106,6 +120,11 @@ def _check(run: dict, ref: dict, tol: float) -> None:
         assert _rel(a, b) <= tol, f"grad norm at step {step}: {a} vs {b}"
     assert len(run["tev"]) == len(ref["tev"]) == 2
     assert all(_rel(a, b) <= tol for a, b in zip(run["tev"], ref["tev"])), (run["tev"], ref["tev"])
+    # Per-layer diagnostics under global layer numbers, every stage's layers, at steps 4 and 8.
+    for got, want in zip(run["layers"], ref["layers"], strict=True):
+        assert set(got) == set(want) and any(k.startswith("resid_var/layer_04") for k in want)
+        bad = {k: (got[k], want[k]) for k in want if _rel(got[k], want[k]) > tol}
+        assert not bad, bad
 
 
 CASES = [(layout, v) for layout, (_, _, variants) in LAYOUTS.items() for v in variants]
@@ -145,3 +164,59 @@ def test_pipeline_refusals(data: TrainData) -> None:
                                           "size 6"):
         validate_layout(cfg, 6)
     assert validate_layout(cfg, 8) == 2
+
+
+def test_resume_at_pp2_dp2_is_bit_for_bit(data: TrainData) -> None:
+    for run in dist_result(__name__, 4, "world4", data=data):
+        straight, stopped, resumed = run["straight"], run["stopped"], run["resumed"]
+        assert len(stopped["loss"]) == 4 and len(resumed["loss"]) == 4
+        assert stopped["loss"] + resumed["loss"] == straight["loss"]
+        assert stopped["grad_norm"] + resumed["grad_norm"] == straight["grad_norm"]
+        assert len(set(straight["loss"])) == STEPS
+
+
+def test_pipeline_checkpoint_files(data: TrainData) -> None:
+    from pathlib import Path
+
+    from mlra_mega.train.checkpoint import find_checkpoint, read_sidecar
+    from mlra_mega.train.safe_load import safe_load
+
+    run = dist_result(__name__, 4, "world4", data=data)[0]["tp2_pp2"]["mlra"]
+    ckpt = find_checkpoint(Path(run["run_dir"]), verify_hashes=True)
+    assert read_sidecar(ckpt)["layout"] == {"tensor": 2, "data": 1, "zero_stage": 1, "pipeline": 2}
+    model = sorted(p.name for p in (ckpt.path / "model").iterdir())
+    assert model == ["tp00-pp00.pt", "tp00-pp01.pt", "tp01-pp00.pt", "tp01-pp01.pt"]
+    assert sorted(p.name for p in ckpt.path.glob("mp_rank_*")) == [f"mp_rank_0{i}_model_states.pt" for i in range(4)]
+    first, last = (safe_load(ckpt.path / "model" / f"tp00-pp0{s}.pt") for s in (0, 1))
+    assert {k.split(".")[2] for k in first if k.startswith("decoder.layers.")} == {"0", "1"}
+    assert {k.split(".")[2] for k in last if k.startswith("decoder.layers.")} == {"2", "3"}
+    assert "embedding.word_embeddings.weight" in first and not any("output_layer" in k for k in last)  # tied
+
+
+def test_export_from_a_tp2_pp2_checkpoint(data: TrainData, tmp_path, tokenizer_dir) -> None:
+    """The Hugging Face model exported from TP=2 x PP=2 gives the one-process run's logits."""
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mlra_mega import distributed
+    from mlra_mega.cli import main
+    from mlra_mega.config import ParallelConfig
+    from mlra_mega.data.tokenizer import load_tokenizer
+    from mlra_mega.export import load_checkpoint_model
+
+    (ref,) = dist_result(__name__, 1, "reference", data=data)
+    run = dist_result(__name__, 4, "world4", data=data)[0]["tp2_pp2"]["mlra"]
+    assert main(["export-hf", run["run_dir"], str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.tensor([load_tokenizer(tokenizer_dir).encode(["Return the number of items in a container."])[0]])
+    distributed.setup(ParallelConfig(tensor=1), seed=0)
+    try:
+        one, cfg, _ = load_checkpoint_model(Path(ref["mlra"]["run_dir"]))
+        with torch.no_grad():
+            want = one(ids, torch.arange(ids.shape[1]).unsqueeze(0), None)[..., :cfg.model.vocab_size]
+            got = hf(ids).logits
+    finally:
+        distributed.teardown()
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
