@@ -220,3 +220,62 @@ def test_export_from_a_tp2_pp2_checkpoint(data: TrainData, tmp_path, tokenizer_d
     finally:
         distributed.teardown()
     assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+def _launch(nproc: int, args: list[str]):
+    import os
+    import subprocess
+    import sys
+
+    from tests.train.test_signals import REPO
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "--max-restarts=0", "-m", "mlra_mega", "train", str(REPO / "configs" / "quickstart.yaml"), *args]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
+
+
+def _stage_args(data: TrainData, run_dir, pp: int) -> list[str]:
+    return [*BASE, *data.overrides(), f"run.dir={run_dir}", "train.steps=300", f"parallel.pipeline={pp}",
+            "diagnostics.interval=0", "checkpoint.interval=40"]
+
+
+def test_sigusr1_to_one_stage_stops_every_rank_with_a_checkpoint(data: TrainData, tmp_path) -> None:
+    import json
+    import os
+    import signal
+
+    from mlra_mega.train.signals import PREEMPTED
+    from tests.train.test_checkpoint import steps
+    from tests.train.test_signals import finish, rank_process, wait_for_steps
+
+    run = tmp_path / "run"
+    proc = _launch(2, _stage_args(data, run, 2))
+    wait_for_steps(run, 5, proc)
+    os.kill(rank_process(proc, 1).pid, signal.SIGUSR1)  # the last stage only
+    out = finish(proc, timeout=120)
+    marker = json.loads((run / PREEMPTED).read_text())
+    stopped = marker["step"]
+    assert marker["saved"] and marker["signal"] == "SIGUSR1" and 5 <= stopped < 300, out[-2000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step{stopped:08d}"
+    assert [r["step"] for r in steps(run)] == list(range(1, stopped + 1))
+    assert sorted(p.name for p in (run / "checkpoints" / f"step{stopped:08d}" / "model").iterdir()) == [
+        "tp00-pp00.pt", "tp00-pp01.pt"]
+
+
+def test_sigkill_of_a_middle_stage_ends_the_job_naming_it(data: TrainData, tmp_path) -> None:
+    import time
+
+    from tests.train.test_signals import finish, rank_process, wait_for_steps
+
+    run = tmp_path / "run"
+    proc = _launch(4, _stage_args(data, run, 4))
+    wait_for_steps(run, 10, proc, timeout=240)
+    victim = rank_process(proc, 1)  # stage 1 of 0-3
+    t_kill = time.time()
+    victim.kill()
+    out = finish(proc, timeout=120, check=False)
+    kill_to_exit = time.time() - t_kill
+    assert proc.returncode != 0 and kill_to_exit < 60, out[-3000:]
+    assert "lost rank(s) 1 during step" in out, out[-3000:]
+    print(f"\n[dead stage] PP=4: SIGKILL of rank 1 (a middle stage) to the launcher's exit {kill_to_exit:.2f}s")
