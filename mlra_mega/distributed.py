@@ -221,8 +221,10 @@ def setup(parallel: ParallelConfig, seed: int, *, timeout_s: float = 600.0) -> P
 
     seed_everything(seed)
     model_parallel_cuda_manual_seed(seed)
-    # Middle stages hold no embedding group (megatron leaves it unset there).
-    in_embedding_group = parallel.pipeline > 1 and parallel_state.is_rank_in_embedding_group()
+    # The first and last stage hold the embedding group (megatron's default embedding ranks); its
+    # own membership test can answer from an earlier layout's ranks on a middle stage.
+    in_embedding_group = parallel.pipeline > 1 and (parallel_state.is_pipeline_first_stage()
+                                                    or parallel_state.is_pipeline_last_stage())
 
     return ParallelContext(
         rank=env.rank,

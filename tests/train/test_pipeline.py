@@ -65,9 +65,34 @@ def data(tokenizer_dir, sample_dataset: str, tmp_path_factory: pytest.TempPathFa
     return train_data(tokenizer_dir, sample_dataset, tmp_path_factory, "runs")
 
 
+DEEP = ["model.num_layers=96", "train.steps=1", "diagnostics.interval=0", "metrics.tev_interval=0",
+        "checkpoint.interval=0", "model.attention=mlra", "zero.stage=1"]
+
+
+def _deep_bytes(data: TrainData, extra: list[str]) -> dict:
+    """Parameter and optimizer bytes of this rank after one step of the 96-layer model."""
+    import os
+
+    from mlra_mega.train.callbacks import Callback
+    from mlra_mega.train.memory import optimizer_state_bytes, parameter_bytes
+
+    class Bytes(Callback):
+        def on_fit_end(self, trainer) -> None:
+            self.params = parameter_bytes(trainer.model)
+            self.optimizer = optimizer_state_bytes(trainer.engine)
+            self.other_numel = sum(p.numel() for n, p in trainer.model.named_parameters() if ".layers." not in n)
+
+    probe = Bytes()
+    run_dir = os.path.join(data.runs, "deep-" + "-".join(e.replace("=", "") for e in extra))
+    _train(data, [*DEEP, *extra, f"run.dir={run_dir}", "checkpoint.resume=never"], [probe])
+    return {"params": probe.params, "optimizer": probe.optimizer, "other_numel": probe.other_numel}
+
+
 @dist_case(1)
 def reference(data: TrainData) -> dict:
-    return {v: _train(data, ["zero.stage=0", *VARIANTS[v]]) for v in VARIANTS}
+    out = {v: _train(data, ["zero.stage=0", *VARIANTS[v]]) for v in VARIANTS}
+    out["deep"] = _deep_bytes(data, [])
+    return out
 
 
 def _layouts(world: int, data: TrainData) -> dict:
@@ -99,6 +124,7 @@ def world4(data: TrainData) -> dict:
     out["straight"] = _train(data, [*RESUME, f"run.dir={root}/straight"])
     out["stopped"] = _train(data, [*RESUME, f"run.dir={root}/resumed", "train.stop_at=4"])
     out["resumed"] = _train(data, [*RESUME, f"run.dir={root}/resumed"])
+    out["deep"] = _deep_bytes(data, ["parallel.pipeline=4"])
     return out
 
 
@@ -279,3 +305,22 @@ def test_sigkill_of_a_middle_stage_ends_the_job_naming_it(data: TrainData, tmp_p
     assert proc.returncode != 0 and kill_to_exit < 60, out[-3000:]
     assert "lost rank(s) 1 during step" in out, out[-3000:]
     print(f"\n[dead stage] PP=4: SIGKILL of rank 1 (a middle stage) to the launcher's exit {kill_to_exit:.2f}s")
+
+
+def test_96_layers_at_pp4_hold_a_quarter_of_the_layer_bytes_per_rank(data: TrainData) -> None:
+    (ref,) = dist_result(__name__, 1, "reference", data=data)
+    one = ref["deep"]
+    # ZeRO-1 at DP=1 keeps 12 bytes per parameter (fp32 master, two moments): the rest is layers'.
+    one_layers_opt = one["optimizer"] - 12 * one["other_numel"]
+    rows = []
+    for rank, run in enumerate(dist_result(__name__, 4, "world4", data=data)):
+        deep = run["deep"]
+        layer_opt = deep["optimizer"] - 12 * deep["other_numel"]
+        rows.append((rank, deep["params"]["layers"], layer_opt, deep["params"]["other"]))
+        assert abs(deep["params"]["layers"] / one["params"]["layers"] - 0.25) <= 0.25 * 0.02
+        assert abs(layer_opt / one_layers_opt - 0.25) <= 0.25 * 0.02, (layer_opt, one_layers_opt)
+    # Embedding on the first stage, final norm and the tied output copy on the last, nothing between.
+    others = [r[3] for r in rows]
+    assert others[1] == others[2] == 0 and others[0] > 0 and others[3] > 0
+    print(f"\n[96 layers] PP=1 layers {one['params']['layers']} B, optimizer {one['optimizer']} B; per rank at PP=4 "
+          "(rank, layer params, layer optimizer, embedding/output params): " + ", ".join(map(str, rows)))
