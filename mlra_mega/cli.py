@@ -179,6 +179,29 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from mlra_mega.config import ConfigError, load_config
+    from mlra_mega.plan import format_plan, plan
+
+    cfg = load_config(args.config, list(args.overrides))
+    if cfg.model.vocab_size is None:
+        if cfg.data.tokenizer is None:
+            raise ConfigError("model.vocab_size", "is not set and there is no data.tokenizer to take it from",
+                              "give model.vocab_size=N (or data.tokenizer=DIR)")
+        from mlra_mega.data.tokenizer import load_tokenizer
+
+        vocab = load_tokenizer(cfg.data.tokenizer).vocab_size
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+    rows = plan(cfg, args.gpus, args.gpu_memory, args.gpus_per_node)
+    print(f"[plan] {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, {cfg.model.attention}, "
+          f"{cfg.train.precision}, global batch {cfg.train.global_batch_size} x {cfg.model.seq_length} tokens, "
+          f"micro-batch {cfg.train.micro_batch_size}; {args.gpus} GPU(s), {args.gpus_per_node} per node")
+    print(format_plan(rows, args.gpu_memory, args.top))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlra-mega", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -246,6 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="default: the run's tracking.uri, MLFLOW_TRACKING_URI, or "
                                                          "the embedded store")
     p.set_defaults(func=_cmd_sync_tracking)
+
+    p = sub.add_parser("plan", help="every layout (TP, PP, DP, ZeRO, recompute) of a config on N GPUs: memory per "
+                                    "GPU, pipeline bubble, which fit, ranked")
+    p.add_argument("config", help="YAML file")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--gpu-memory", type=float, required=True, metavar="GIB")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--top", type=int, default=None, metavar="N", help="show the first N layouts only")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("export-hf", help="a checkpoint -> a Hugging Face GPT-2 directory (weights, config, tokenizer)")
     p.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a checkpoint, a run's checkpoints/ or a run directory")

@@ -59,17 +59,19 @@ def optimizer_state_bytes(engine: Any) -> int:
 
 class SavedBytes:
     """`with SavedBytes(model) as saved: loss = model(...)`: `saved.bytes` that autograd kept,
-    the model's own parameters (which matmuls save too) left out."""
+    the model's own parameters (which matmuls save too) left out. It looks at every parameter on
+    each saved tensor: for measuring small models, not for training."""
 
     def __init__(self, model: torch.nn.Module | None = None) -> None:
         self.bytes = 0
         self._seen: set[int] = set()
-        if model is not None:
-            self._seen = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self._model = model
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         ptr = t.untyped_storage().data_ptr()
-        if ptr not in self._seen:
+        # Parameters as they are now: ZeRO-3 gathers them into fresh storage for the forward.
+        params = () if self._model is None else {p.untyped_storage().data_ptr() for p in self._model.parameters()}
+        if ptr not in self._seen and ptr not in params:
             self._seen.add(ptr)
             self.bytes += t.untyped_storage().nbytes()
         return t
