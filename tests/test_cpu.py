@@ -134,3 +134,74 @@ def test_apply_is_idempotent_and_remove_restores(unpatched: None) -> None:
     assert torch.cuda.current_device is patched is not original
     cpu.remove()
     assert torch.cuda.current_device is original and not cpu.applied()
+
+
+@pytest.fixture
+def world_of_one() -> Iterator[None]:
+    import socket
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    owned = not dist.is_initialized()
+    if owned:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+    yield
+    parallel_state.destroy_model_parallel()
+    if owned:
+        dist.destroy_process_group()
+
+
+def test_schedule_counter(unpatched: None, world_of_one: None) -> None:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron.core.enums import ModelType
+
+    model = torch.nn.Linear(4, 1)
+    model.config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1)
+    model.model_type = ModelType.encoder_or_decoder
+    model.set_input_tensor = lambda tensor: None
+    batches = [torch.ones(2, 4)]
+
+    def forward_step(data_iterator, net):
+        out = net(next(data_iterator)).sum()
+        return out, lambda o: (o, {"loss": o.detach().clone()})
+
+    def run():
+        return get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(batches),
+                                           model=[model], num_microbatches=1, seq_length=1, micro_batch_size=2,
+                                           forward_only=False)
+
+    with pytest.raises(CUDA_MISSING, match="CUDA"):
+        run()
+    cpu.apply(only=("schedule_counter",))
+    (loss,) = run()
+    assert model.weight.grad is not None and torch.equal(model.weight.grad, torch.full((1, 4), 2.0))
+
+
+def test_tied_stage_copy(unpatched: None, world_of_one: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last stage's copy of a tied embedding at PP > 1 (megatron moves it to "cuda" first)."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from megatron.core.models.common.language_module import language_module as lm
+
+    monkeypatch.setattr(lm, "is_pp_first_stage", lambda group: False)  # this rank plays the last stage
+    weight = torch.nn.Parameter(torch.ones(3, 2))
+    stage = SimpleNamespace(pre_process=False, post_process=True, share_embeddings_and_output_weights=True,
+                            output_layer=SimpleNamespace(weight=weight), vp_stage=None, vp_size=None,
+                            pp_group=dist.group.WORLD, embd_group=dist.group.WORLD,
+                            config=SimpleNamespace(pipeline_model_parallel_size=2, mtp_num_layers=0),
+                            shared_embedding_or_output_weight=lambda: weight, _is_in_embd_group=lambda: True)
+    with pytest.raises(CUDA_MISSING, match="CUDA"):
+        lm.LanguageModule.setup_embeddings_and_output_layer(stage)
+    cpu.apply(only=("tied_stage_copy",))
+    weight.data.fill_(1.0)
+    lm.LanguageModule.setup_embeddings_and_output_layer(stage)
+    # Zeroed, then all-reduced from the first stage (alone here), on the CPU.
+    assert weight.device.type == "cpu" and weight.shared and torch.equal(weight.data, torch.zeros(3, 2))
