@@ -145,10 +145,10 @@ def main() -> int:
         memory.append(row)
         print(f"[plan-check] {name}: " + ", ".join(f"{k} {row[f'{k}_error']:+.2%}"
                                                    for k in ("params", "optimizer", "activations")), flush=True)
-    print(table([[r["layout"], r["rank"], r["params_measured"], f"{r['params_error']:+.2%}", r["optimizer_measured"],
+    print(table(["layout", "rank", "params B", "pred", "optimizer B", "pred", "activations B", "pred"],
+                [[r["layout"], r["rank"], r["params_measured"], f"{r['params_error']:+.2%}", r["optimizer_measured"],
                   f"{r['optimizer_error']:+.2%}", r["activations_measured"], f"{r['activations_error']:+.2%}"]
-                 for r in memory],
-                ["layout", "rank", "params B", "pred", "optimizer B", "pred", "activations B", "pred"]))
+                 for r in memory]))
     bubble = []
     if not args.skip_bubble:
         for pp in (1, 2, 4):
@@ -164,8 +164,9 @@ def main() -> int:
         for b in bubble:
             b["x_pp1"] = b["step_s"] / base[b["micro_batches"]]
             b["ideal_x_pp1_on_shared_cores"] = 1 / (1 - b["predicted_bubble"]) if b["pp"] > 1 else 1.0
-        print(table([[b["pp"], b["micro_batches"], b["step_s"] * 1e3, b["x_pp1"], b["predicted_bubble"]]
-                     for b in bubble], ["PP", "micro-batches", "step ms", "x PP=1", "predicted bubble"]))
+        print(table(["PP", "micro-batches", "step ms", "x PP=1", "predicted bubble"],
+                    [[b["pp"], b["micro_batches"], b["step_s"] * 1e3, b["x_pp1"], b["predicted_bubble"]]
+                     for b in bubble]))
     write_json(args.out, {"memory": memory, "bubble": bubble})
     return 0
 

@@ -260,7 +260,8 @@ class MLflowLogger(Callback):
         if self.run_id is None and (self.run_dir / RUN_ID_FILE).is_file():
             self.run_id = (self.run_dir / RUN_ID_FILE).read_text().strip() or None  # made before any checkpoint
         ctx = trainer.ctx
-        self._setup = {"hosts": hosts, "layout": f"tp{ctx.tp_size}xdp{ctx.dp_size}", "world_size": ctx.world_size,
+        stages = f"xpp{ctx.pp_size}" if ctx.pp_size > 1 else ""
+        self._setup = {"hosts": hosts, "layout": f"tp{ctx.tp_size}{stages}xdp{ctx.dp_size}", "world_size": ctx.world_size,
                        "resumed_at": trainer.step}
         if self.buffer.is_file():  # a previous job's unsent records; the steps after its checkpoint run again
             left = [json.loads(x) for x in self.buffer.read_text().splitlines() if x.strip()]
