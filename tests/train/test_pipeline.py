@@ -26,7 +26,7 @@ BF16_REL = 2e-2
 BASE = ["model.num_layers=4", "model.hidden_size=64", "model.num_heads=4", "model.seq_length=32",
         f"train.steps={STEPS}", "train.global_batch_size=8", "train.micro_batch_size=2",
         f"optim.clip_grad={CLIP}", "optim.lr=1e-3", "optim.warmup_steps=2", "metrics.tev_interval=4",
-        "eval.interval=0", "tracking.enabled=false", "diagnostics.interval=4"]
+        "eval.interval=8", "eval.iters=2", "tracking.enabled=false", "diagnostics.interval=4"]
 # The model variants compared (model.* overrides); each layout runs those named for it.
 VARIANTS = {
     "mlra": ["model.attention=mlra"],
@@ -51,10 +51,19 @@ def _overrides(data: TrainData, extra: list[str]) -> list[str]:
 
 
 def _train(data: TrainData, extra: list[str], callbacks=()) -> dict:
+    from mlra_mega.train.callbacks import Callback
     from mlra_mega.train.run import train
 
-    history, run_dir = train(load_config(None, _overrides(data, extra)), callbacks, log=lambda s: None)
-    return {"loss": [m.loss for m in history], "grad_norm": [m.grad_norm for m in history],
+    class Evals(Callback):
+        name = "test_evals"
+        val: list[float] = []
+
+        def on_eval_end(self, trainer, step, result) -> None:
+            self.val = [*self.val, result["val_loss"]]
+
+    evals = Evals()
+    history, run_dir = train(load_config(None, _overrides(data, extra)), [*callbacks, evals], log=lambda s: None)
+    return {"val_loss": evals.val, "loss": [m.loss for m in history], "grad_norm": [m.grad_norm for m in history],
             "tev": [m.tev_mean for m in history if m.tev_mean is not None], "run_dir": str(run_dir),
             "layers": [{k: v for k, v in m.extra.items() if "/" in k} for m in history if m.step % 4 == 0]}
 
@@ -145,6 +154,8 @@ def _check(run: dict, ref: dict, tol: float) -> None:
         assert _rel(a, b) <= tol, f"grad norm at step {step}: {a} vs {b}"
     assert len(run["tev"]) == len(ref["tev"]) == 2
     assert all(_rel(a, b) <= tol for a, b in zip(run["tev"], ref["tev"])), (run["tev"], ref["tev"])
+    # Evaluation (the schedule forward-only at PP > 1) at the last step.
+    assert len(run["val_loss"]) == len(ref["val_loss"]) == 1 and _rel(run["val_loss"][0], ref["val_loss"][0]) <= tol
     # Per-layer diagnostics under global layer numbers, every stage's layers, at steps 4 and 8.
     for got, want in zip(run["layers"], ref["layers"], strict=True):
         assert set(got) == set(want) and any(k.startswith("resid_var/layer_04") for k in want)
