@@ -230,7 +230,7 @@ def test_the_final_flush_keeps_records_the_sender_has_in_hand(tmp_path: Path) ->
     logger = _logger(cfg, tmp_path)
     logger._client, logger.run_id = _Unreachable(), "run"
     trainer = SimpleNamespace(step=0, total_steps=cfg.train.steps,
-                              ctx=SimpleNamespace(is_main=True, tp_size=1, dp_size=1, world_size=1))
+                              ctx=SimpleNamespace(is_main=True, tp_size=1, pp_size=1, dp_size=1, world_size=1))
     logger.on_fit_start(trainer)
     for step in range(1, 401):
         trainer.step = step
@@ -268,7 +268,7 @@ def test_records_go_out_in_one_batch_per_send_interval(tmp_path: Path, interval:
     logger, client = _logger(cfg, tmp_path), _Recorder()
     logger._client, logger.run_id = client, "run"
     trainer = SimpleNamespace(step=0, total_steps=cfg.train.steps,
-                              ctx=SimpleNamespace(is_main=True, tp_size=1, dp_size=1, world_size=1))
+                              ctx=SimpleNamespace(is_main=True, tp_size=1, pp_size=1, dp_size=1, world_size=1))
     logger.on_fit_start(trainer)
     start = time.monotonic()
     for step in range(1, 101):

@@ -239,7 +239,8 @@ def test_invalid_layouts(overrides: list[str], world: int, field: str, words: st
 @pytest.mark.parametrize("overrides,field,words", [
     (["parallel.pipeline=2", "zero.stage=2"], "zero.stage", "ZeRO-2 cannot combine with pipeline parallelism"),
     (["parallel.pipeline=2", "zero.stage=3"], "zero.stage", "ZeRO-3 cannot combine with pipeline parallelism"),
-    (["parallel.pipeline=2", "zero.stage=1"], "parallel.pipeline", "not supported yet"),
+    (["parallel.pipeline=2", "zero.stage=0"], "zero.stage", "ZeRO-0 cannot combine with pipeline parallelism"),
+    (["parallel.pipeline=5", "model.num_layers=12"], "parallel.pipeline", "5 stages do not split model.num_layers=12"),
     (["parallel.sequence_parallel=true"], "parallel.sequence_parallel", "needs tensor parallelism"),
     (["zero.stage=5"], "zero.stage", "0, 1, 2 or 3"),
 ])

@@ -27,7 +27,7 @@ from tests.train.test_checkpoint import overrides, steps
 pytestmark = pytest.mark.slow  # every test here launches processes
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = 300
+STEPS = 150
 KEYS = ("loss", "lr", "grad_norm", "consumed_samples")
 
 
@@ -153,9 +153,9 @@ def test_sigkill_of_one_rank_ends_the_job_naming_it_and_the_restart_matches(
         launcher: str, straight: Path, tmp_path: Path, tokenizer_dir: Path, sample_dataset: str) -> None:
     run = tmp_path / "run"
     args = overrides(tokenizer_dir, sample_dataset, run, f"train.steps={STEPS}", "tracking.enabled=false",
-                     "checkpoint.interval=40")
+                     "checkpoint.interval=20")
     proc = launch(args, launcher)
-    wait_for_steps(run, 90, proc)
+    wait_for_steps(run, 50, proc)
     victim = rank_process(proc, 1)
     t_kill = time.time()
     victim.kill()
