@@ -15,6 +15,7 @@ import torch
 
 from mlra_mega.config import ConfigError, load_config
 from mlra_mega.train.checkpoint import find_checkpoint, is_complete, read_sidecar
+from mlra_mega.train.safe_load import safe_load
 
 pytestmark = pytest.mark.slow  # every test here launches processes
 
@@ -138,7 +139,15 @@ def test_export_from_a_zero3_checkpoint(tmp_path: Path, tokenizer_dir: Path, sam
     run = tmp_path / "z3"
     torchrun(2, overrides(tokenizer_dir, sample_dataset, run, "zero.stage=3", "train.steps=3",
                           "model.tie_embeddings=false"))
-    assert read_sidecar(find_checkpoint(run))["layout"]["zero_stage"] == 3
+    ckpt = find_checkpoint(run)
+    assert read_sidecar(ckpt)["layout"]["zero_stage"] == 3
+    # Saved without gathering: the module in each rank's model states holds no weights (ZeRO-3's
+    # placeholders), each rank's optimizer file holds its own half of the fp32 state.
+    for f in ckpt.path.glob("zero_pp_rank_*_model_states.pt"):
+        module = safe_load(f)["module"]
+        assert module and all(t.numel() == 0 for t in module.values() if isinstance(t, torch.Tensor)), f.name
+    sizes = [f.stat().st_size for f in sorted(ckpt.path.glob("zero_pp_rank_*_optim_states.pt"))]
+    assert len(sizes) == 2 and abs(sizes[0] - sizes[1]) < 0.01 * sizes[0]
     assert _export_and_compare(run, tmp_path / "hf", tokenizer_dir) <= 1e-5
 
 

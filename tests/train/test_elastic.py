@@ -87,7 +87,7 @@ def test_resumed_on_another_layout_continues_the_run(name: str, elastic_runs) ->
     assert sidecar["step"] == STEPS and sidecar["consumed_samples"] == a[-1]["consumed_samples"]
 
 
-@pytest.mark.parametrize("name", ["tp1_dp4", "pp2_dp2"])
+@pytest.mark.parametrize("name", list(TARGETS))
 def test_the_resumed_run_is_one_mlflow_run_with_every_step_once(name: str, elastic_runs) -> None:
     from mlflow.tracking import MlflowClient
 
