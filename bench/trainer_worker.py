@@ -113,7 +113,9 @@ def main() -> int:
             out.update(tev_times_s=tev, ranks=ranks, parameters=count_parameters(trainer.model_cfg),
                        tokens_per_step=trainer.tokens_per_step)
 
-    work = Path(tempfile.mkdtemp(prefix="bench-run-"))
+    # One fresh run directory for all ranks of this launch (a checkpoint's parts are merged there).
+    launch = os.environ.get("TORCHELASTIC_RUN_ID") or str(os.getpid())
+    work = Path(tempfile.gettempdir()) / f"bench-run-{launch}"
     cfg = load_config(REPO / "configs" / "quickstart.yaml",
                       ["eval.interval=0", "tracking.enabled=false", "train.log_interval=1000000",
                        f"run.dir={work / 'run'}", *args.overrides])

@@ -1,7 +1,8 @@
 """`mlra-mega`: the command line. Errors a user can cause print one line and exit with 2.
 
 Commands: `quickstart` (the main job on embedded defaults), `train` (any config, any launcher),
-`export-hf` (a checkpoint to Hugging Face), `tokenizer train` and `preprocess` (the data
+`export-hf` (a checkpoint to Hugging Face), `reshard` (a checkpoint to another TP x PP),
+`tokenizer train` and `preprocess` (the data
 pipeline), `config` (load, validate and print a resolved configuration).
 """
 
@@ -146,6 +147,26 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reshard(args: argparse.Namespace) -> int:
+    from mlra_mega import distributed
+    from mlra_mega.config import ConfigError, ParallelConfig
+    from mlra_mega.train.reshard import reshard
+
+    layers = None
+    if args.pipeline_layers:
+        try:
+            layers = [int(x) for x in args.pipeline_layers.split(",")]
+        except ValueError:
+            raise ConfigError("--pipeline-layers", f"{args.pipeline_layers!r} is not two whole numbers",
+                              "write FIRST,LAST, e.g. --pipeline-layers 5,7") from None
+    distributed.setup(ParallelConfig(tensor=1), seed=0)  # the checkpoint reader builds nothing, but loads DeepSpeed
+    try:
+        reshard(args.checkpoint, args.output, args.tensor, args.pipeline, layers)
+    finally:
+        distributed.teardown()
+    return 0
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     from mlra_mega.slurm import SubmitOptions, submit
 
@@ -284,6 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a checkpoint, a run's checkpoints/ or a run directory")
     p.add_argument("output", metavar="OUTPUT_DIR")
     p.set_defaults(func=_cmd_export_hf)
+
+    p = sub.add_parser("reshard", help="a checkpoint of any layout -> one for TP x PP that resumes at any data-"
+                                       "parallel size and ZeRO stage")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint, a run's checkpoints/ or a run directory")
+    p.add_argument("output", metavar="OUT", help="a new directory: the resharded checkpoint (--resume OUT)")
+    p.add_argument("--tensor", type=int, required=True, metavar="N", help="tensor-parallel size")
+    p.add_argument("--pipeline", type=int, default=1, metavar="P", help="pipeline stages (default 1)")
+    p.add_argument("--pipeline-layers", default=None, metavar="FIRST,LAST",
+                   help="layers of the first and last stage (default: an even split)")
+    p.set_defaults(func=_cmd_reshard)
 
     p = sub.add_parser("tokenizer", help="sentencepiece tokenizers")
     tok = p.add_subparsers(dest="tokenizer_command", required=True)

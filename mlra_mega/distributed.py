@@ -26,7 +26,7 @@ from mlra_mega import cpu
 from mlra_mega.config import ParallelConfig
 from mlra_mega.errors import ConfigError
 
-__all__ = ["ParallelContext", "DeepSpeedMPU", "LaunchEnv", "launch_env", "check_world", "from_stage", "setup", "teardown", "seed_everything", "silent_ranks"]
+__all__ = ["ParallelContext", "DeepSpeedMPU", "LaunchEnv", "launch_env", "check_world", "from_stage", "setup", "teardown", "seed_everything", "reseed", "silent_ranks"]
 
 
 @dataclass(frozen=True)
@@ -188,6 +188,18 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def reseed(seed: int, step: int) -> int:
+    """RNG states for a run resumed at `step` on another layout, where the saved per-rank states
+    do not fit: derived from (seed, step) as a fresh start derives them from the seed (the same on
+    every rank; megatron's tensor-parallel tracker adds the TP rank). Returns the derived seed."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    derived = (seed * 1_000_003 + step) % 2**31
+    seed_everything(derived)
+    model_parallel_cuda_manual_seed(derived)
+    return derived
 
 
 def setup(parallel: ParallelConfig, seed: int, *, timeout_s: float = 600.0) -> ParallelContext:

@@ -1,8 +1,8 @@
 """`mlra-mega export-hf`: a checkpoint (any TP size, any ZeRO stage) -> a Hugging Face directory.
 
-Reads the checkpoint's sidecar (the model config) and its per-TP-rank full parameter files
-(written by every checkpoint, ZeRO-3 rows gathered; with pipeline stages one file per TP rank and
-stage, under PP=1 names), joins each TP rank's stages, merges the TP shards with the converter
+Reads the checkpoint's sidecar (the model config) and its weights from DeepSpeed's files at any
+layout and ZeRO stage, or from a resharded checkpoint (`train.elastic.read_state`: TP slices
+joined, stages under their PP=1 names; checkpoints of earlier versions from their model/ files)
 into one TP = 1, PP = 1 model in this process, and writes `to_hf`'s GPT2LMHeadModel (config and
 safetensors weights) and the tokenizer (a fast tokenizer converted from the sentencepiece model,
 plus the model file itself) to OUTPUT_DIR, through a temporary directory renamed when complete.
@@ -24,8 +24,8 @@ def load_checkpoint_model(checkpoint: str | Path):
     """(TP = 1 model with the checkpoint's weights, its RunConfig, the checkpoint)."""
     from mlra_mega.model.build import build_model
     from mlra_mega.model.convert import load_shard, merge_shards, partition_dims
-    from mlra_mega.train.checkpoint import find_checkpoint, model_file, read_sidecar
-    from mlra_mega.train.safe_load import safe_load
+    from mlra_mega.train.checkpoint import find_checkpoint, read_sidecar
+    from mlra_mega.train.elastic import read_state
 
     ckpt = find_checkpoint(Path(checkpoint), verify_hashes=True, log=print)
     if ckpt is None:
@@ -35,21 +35,33 @@ def load_checkpoint_model(checkpoint: str | Path):
     cfg: RunConfig = from_dict(RunConfig, migrate_saved(sidecar["config"]))
     cfg.validate()
     layout = sidecar["layout"]
+    model = build_model(cfg.model, tensor_parallel=1)
+    if (ckpt.path / "model").is_dir():  # written before the weights were kept once: per-TP-rank files
+        load_shard(model, merge_shards(_old_model_files(ckpt.path, layout), partition_dims(model)))
+    else:
+        state = read_state(ckpt.path, layout)
+        load_shard(model, {name: t["fp32"] for name, t in state.params.items()})
+    return model.eval(), cfg, ckpt
+
+
+def _old_model_files(path: Path, layout: dict) -> list[dict]:
+    """Each TP rank's parameters, its stages joined, from a checkpoint's model/ files."""
+    from mlra_mega.train.checkpoint import model_file
+    from mlra_mega.train.safe_load import safe_load
+
     tp, pp = layout["tensor"], layout.get("pipeline", 1)
     names = [[model_file(t, s, pp) for s in range(pp)] for t in range(tp)]
-    missing = [n for per_tp in names for n in per_tp if not (ckpt.path / "model" / n).is_file()]
+    missing = [n for per_tp in names for n in per_tp if not (path / "model" / n).is_file()]
     if missing:
-        raise ConfigError("checkpoint", f"{ckpt.path} lacks model/{missing[0]} ({len(missing)} of {tp * pp} "
+        raise ConfigError("checkpoint", f"{path} lacks model/{missing[0]} ({len(missing)} of {tp * pp} "
                           f"parameter files for tensor {tp} x pipeline {pp} missing)", "export a complete checkpoint")
-    model = build_model(cfg.model, tensor_parallel=1)
     shards = []
     for per_tp in names:
         joined: dict = {}
         for n in per_tp:
-            joined.update(safe_load(ckpt.path / "model" / n, map_location="cpu"))
+            joined.update(safe_load(path / "model" / n, map_location="cpu"))
         shards.append(joined)
-    load_shard(model, merge_shards(shards, partition_dims(model)))
-    return model.eval(), cfg, ckpt
+    return shards
 
 
 def export_hf(checkpoint: str | Path, output_dir: str | Path, log=print) -> Path:

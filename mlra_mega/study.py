@@ -275,6 +275,9 @@ def study_plots(runs: list[StudyRun], out_dir: Path) -> dict[str, tuple[int, int
     depths = sorted({r.depth for r in runs})
     rates = sorted({r.lr for r in runs})
     variants = sorted({r.variant for r in runs})
+    # One colour per variant in every panel: a panel with fewer variants must not reuse the
+    # first colours of the cycle for other variants.
+    colour = {v: f"C{i % 10}" for i, v in enumerate(variants)}
     groups = _groups(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     shapes: dict[str, tuple[int, int]] = {}
@@ -313,7 +316,7 @@ def study_plots(runs: list[StudyRun], out_dir: Path) -> dict[str, tuple[int, int
                         continue
                     steps = sorted(set.intersection(*(set(s) for s in series)))
                     values = [statistics.fmean(s[t] for s in series) for t in steps]
-                    axes[i][j].plot(steps, values, label=variant, linewidth=1)
+                    axes[i][j].plot(steps, values, label=variant, linewidth=1, color=colour[variant])
                 if key == "grad_norm":
                     axes[i][j].set_yscale("log")
         finish(fig, axes, f"{'tev_mean' if key == 'tev' else key}.png")
@@ -326,7 +329,7 @@ def study_plots(runs: list[StudyRun], out_dir: Path) -> dict[str, tuple[int, int
                 if members:
                     layers = sorted(set.intersection(*(set(m.resid) for m in members)))
                     axes[i][j].plot(layers, [statistics.fmean(m.resid[k] for m in members) for k in layers],
-                                    label=variant, marker=".", linewidth=1)
+                                    label=variant, marker=".", linewidth=1, color=colour[variant])
             axes[i][j].set_yscale("log")
     finish(fig, axes, "resid_var.png")
     return shapes

@@ -54,7 +54,9 @@ CONF
       --log-file="$dir/munged.log" --seed-file="$dir/munge/seed"
   fi
   if [ ! -f "$dir/slurmctld.pid" ] || ! kill -0 "$(cat "$dir/slurmctld.pid")" 2>/dev/null; then
-    slurmctld -f "$conf" -i
+    # -c: a test cluster starts empty. Jobs recorded by an earlier run that was killed would
+    # otherwise be recovered as running and hold the node until their time limit.
+    slurmctld -f "$conf" -c -i
   fi
   if [ ! -f "$dir/slurmd.pid" ] || ! kill -0 "$(cat "$dir/slurmd.pid")" 2>/dev/null; then
     # Under a reaper, so that jobs' processes are collected and jobs end promptly.

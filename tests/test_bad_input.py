@@ -32,7 +32,7 @@ EXTRA_CASES = ["full disk during a checkpoint", "a second run into a held run di
                "permanent tracking failure vs outage", "alias bomb: bounded time and message",
                *(f"payload in {f} (tests/train/test_safe_load.py)" for f in (
                    "sidecar.pt", "rng/", "DeepSpeed model states", "ZeRO optimizer states", "every file",
-                   "sidecar.pt at export", "model/tp00.pt at export", "every file at export"))]
+                   "sidecar.pt at export", "model states at export", "optimizer states at export", "every file at export"))]
 
 
 @dataclass

@@ -79,7 +79,8 @@ def wait_done(job: str, timeout: float = 300) -> None:
             return
         assert state not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"), state
         time.sleep(0.5)
-    raise AssertionError(f"job {job} did not finish in {timeout}s (state {job_state(job)})")
+    queue = subprocess.run(["squeue", "-h", "-o", "%i %T %r"], capture_output=True, text=True).stdout
+    raise AssertionError(f"job {job} did not finish in {timeout}s (state {job_state(job)}); queue:\n{queue}")
 
 
 def wait_steps(run_dir: Path, n: int, timeout: float = 120) -> None:

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import yaml
 
 from mlra_mega.study import load_runs, study_plots, study_tables
@@ -96,3 +97,22 @@ def test_the_plots_have_a_panel_per_depth_and_rate(tmp_path: Path) -> None:
     for name in shapes:
         height, width, _ = matplotlib.image.imread(tmp_path / "plots" / name).shape
         assert width > height  # three rate columns side by side, two depth rows
+
+
+def test_a_variant_has_one_colour_in_every_panel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A panel that holds only some variants (vanilla alone at 4e-3) keeps each variant's colour."""
+    import matplotlib.axes
+
+    drawn: set[tuple[str, str]] = set()
+    plot = matplotlib.axes.Axes.plot
+
+    def recording(self, *args, **kwargs):
+        drawn.add((kwargs.get("label"), kwargs.get("color")))
+        return plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording)
+    for lr in (1e-3, 4e-3):
+        write_run(tmp_path / "runs", "vanilla", 4, lr, 0, 100.0, 0.02)
+    write_run(tmp_path / "runs", "mlra", 4, 1e-3, 0, 90.0, 0.01)
+    study_plots(load_runs(tmp_path / "runs"), tmp_path / "plots")
+    assert drawn == {("mlra", "C0"), ("vanilla", "C1")}

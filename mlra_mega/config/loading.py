@@ -19,7 +19,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from mlra_mega.config.schema import RunConfig, _all_dotted_keys, _did_you_mean, _show
+from mlra_mega.config.schema import RunConfig, _all_dotted_keys, _did_you_mean, _show, key_of
 from mlra_mega.credentials import mask
 from mlra_mega.errors import ConfigError
 
@@ -72,19 +72,20 @@ def with_values(cfg: RunConfig, values: dict[str, Any]) -> RunConfig:
 
 
 def _replace_dotted(node: Any, parts: list[str], value: Any, prefix: str) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(node)}
+    fields = {key_of(f.name): f for f in dataclasses.fields(node)}
     head = parts[0]
     if head not in fields:
         raise ConfigError(f"{prefix}{head}", "unknown key",
                           _closest_key_hint(head, list(fields), prefix) or f"valid keys: {sorted(fields)}")
+    name = fields[head].name
     if len(parts) == 1:
-        new = _coerce(value, typing.get_type_hints(type(node))[head], f"{prefix}{head}")
+        new = _coerce(value, typing.get_type_hints(type(node))[name], f"{prefix}{head}")
     else:
-        child = getattr(node, head)
+        child = getattr(node, name)
         if not dataclasses.is_dataclass(child):
             raise ConfigError(f"{prefix}{head}", "is a value, not a section", "check the dotted key")
         new = _replace_dotted(child, parts[1:], value, f"{prefix}{head}.")
-    return dataclasses.replace(node, **{head: new})
+    return dataclasses.replace(node, **{name: new})
 
 
 def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
@@ -94,7 +95,7 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
         raise ConfigError(where, f"expected a mapping of keys, got {type(data).__name__} {_show(data)}",
                           f"write {where} as `key: value` lines")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {key_of(f.name): f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         key = str(key)
@@ -105,7 +106,7 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
         if key not in fields:
             raise ConfigError(f"{prefix}{key}", "unknown key",
                               _closest_key_hint(key, list(fields), prefix) or f"valid keys: {sorted(fields)}")
-        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+        kwargs[fields[key].name] = _coerce(value, hints[fields[key].name], f"{prefix}{key}")
     return cls(**kwargs)
 
 
@@ -114,7 +115,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
     def plain(value: Any) -> Any:
         if dataclasses.is_dataclass(value):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            return {key_of(f.name): plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
         if isinstance(value, (list, tuple)):
             return [plain(v) for v in value]
         return value

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import math
 import reprlib
 import types
@@ -23,7 +24,7 @@ __all__ = [
     "DataConfig", "MetricsConfig", "EvalConfig", "DiagnosticsConfig", "CheckpointConfig", "FaultsConfig",
     "TrackingConfig", "ProfileConfig", "RunSection", "RunConfig", "check_tensor_parallel", "check_pipeline",
     "pipeline_split", "check_choices",
-    "check_path_component", "describe_keys", "option",
+    "check_path_component", "describe_keys", "option", "key_of", "field_of",
 ]
 
 MLRA_PROJECTIONS = ("q", "k", "v", "o")
@@ -356,6 +357,10 @@ class CheckpointConfig:
     keep: int = option(2, "complete checkpoints kept")
     resume: str = option("auto", "auto: continue run.dir's newest complete checkpoint; never; or a path")
     sigterm_save_s: float = option(20.0, "on SIGTERM, save only if the last save took at most this long")
+    verify: Literal["size", "sha256"] = option("size", "what a resume checks of each file: its size, or also its "
+                                                       "sha256 (hashed at save, by the rank that wrote it)")
+    async_: bool = option(False, "key checkpoint.async: interval checkpoints are written in the background while "
+                                 "training goes on (the last one and a preemption's are written at once)")
 
     def validate(self, prefix: str = "checkpoint") -> None:
         if self.interval < 0:
@@ -382,6 +387,8 @@ class FaultsConfig:
     inject_hang_s: float = option(60.0, "how long the hang drill's step stalls")
     peer_timeout_s: float = option(60.0, "after a stop signal, how long to wait for the other ranks to agree")
     lock_stale_s: float = option(300.0, "a run-directory lock not renewed for this long is taken over")
+    kill_in_save_step: int | None = option(None, "a drill: the process kills itself (SIGKILL) while writing this "
+                                                 "step's checkpoint")
 
     def validate(self, prefix: str = "faults") -> None:
         if self.inject_nan_step is not None:
@@ -392,6 +399,8 @@ class FaultsConfig:
                               "give the global rank to poison")
         if self.inject_hang_step is not None:
             _require_positive(f"{prefix}.inject_hang_step", self.inject_hang_step)
+        if self.kill_in_save_step is not None:
+            _require_positive(f"{prefix}.kill_in_save_step", self.kill_in_save_step)
         if self.inject_hang_rank < 0:
             raise ConfigError(f"{prefix}.inject_hang_rank", f"must be >= 0, got {self.inject_hang_rank}",
                               "give the global rank that stalls")
@@ -577,14 +586,24 @@ def check_choices(section: Any, prefix: str) -> None:
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
         if dataclasses.is_dataclass(value):
-            check_choices(value, f"{prefix}.{f.name}")
+            check_choices(value, f"{prefix}.{key_of(f.name)}")
         elif typing.get_origin(hints[f.name]) is Literal and value not in typing.get_args(hints[f.name]):
             choices = list(typing.get_args(hints[f.name]))
-            raise ConfigError(f"{prefix}.{f.name}", f"{_show(value)} is not one of {choices}",
+            raise ConfigError(f"{prefix}.{key_of(f.name)}", f"{_show(value)} is not one of {choices}",
                               f"use one of {choices}{_did_you_mean(str(value), [str(c) for c in choices])}")
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def key_of(name: str) -> str:
+    """A field's config key: its name, less the `_` that a Python keyword needs (async_ -> async)."""
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
+def field_of(key: str) -> str:
+    """The field that holds config key `key`."""
+    return key + "_" if keyword.iskeyword(key) else key
 
 
 _SHOW = reprlib.Repr()
@@ -632,7 +651,7 @@ def _all_dotted_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(hints[f.name]):
             keys.extend(_all_dotted_keys(hints[f.name], f"{prefix}{f.name}."))
         else:
-            keys.append(f"{prefix}{f.name}")
+            keys.append(f"{prefix}{key_of(f.name)}")
     return keys
 
 
@@ -656,5 +675,5 @@ def describe_keys(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, st
             out.extend(describe_keys(hints[f.name], f"{prefix}{f.name}."))
             continue
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        out.append((f"{prefix}{f.name}", _type_name(hints[f.name]), default, f.metadata.get("help", "")))
+        out.append((f"{prefix}{key_of(f.name)}", _type_name(hints[f.name]), default, f.metadata.get("help", "")))
     return out

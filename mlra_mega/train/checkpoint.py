@@ -3,23 +3,26 @@
 Layout of `<run dir>/checkpoints/`:
 
     step00000100/                  one checkpoint (a "tag")
-      <DeepSpeed's files>          model / optimizer / scheduler shards of every rank
-      model/tp00.pt ...            this TP rank's full parameters (DP rank 0 of each TP group
-                                   writes it; ZeRO-3 rows gathered first): what export reads;
-                                   with pipeline stages tp00-pp00.pt ..., one per stage, its
-                                   parameters under their PP=1 names (the tied copy left out)
+      <DeepSpeed's files>          model / optimizer / scheduler shards of every rank: the one copy
+                                   of the weights; each model-states file also holds our record of
+                                   its TP rank, stage and TP partition dims (`elastic.stage_meta`),
+                                   so any layout can read it (`train/elastic.py`)
       rng/rank00000.pt ...         every rank's RNG states (torch, numpy, python, megatron's tracker)
       sidecar.pt                   the trainer's state (step, data position, non-finite counts,
                                    callback states by name: the MLflow run id among them), the
                                    resolved config, package versions, layout; rank 0
       tokenizer/                   a copy of the tokenizer model and card
-      manifest.json                every file above with its size; written last
+      manifest.json                every file above with its size (and sha256 when
+                                   checkpoint.verify=sha256), merged by rank 0 from each rank's
+                                   digests of the files it wrote; written last
     latest                         the tag of the newest complete checkpoint, replaced atomically
 
 DeepSpeed's own non-atomic `latest` is not written (`save_latest=False`). A checkpoint counts
-only when its manifest exists and every file in it has its recorded size. Sidecars and RNG files
-hold plain types and tensors only; every file, DeepSpeed's included, is read by `safe_load`
-(weights only: a checkpoint cannot run code).
+only when its manifest exists and every file in it has its recorded size. With
+`checkpoint.async` the files are written by a background thread per rank (`checkpoint_io`), and
+the manifest and `latest` follow once every rank is done. Sidecars and RNG files hold plain types
+and tensors only; every file, DeepSpeed's included, is read by `safe_load` (weights only: a
+checkpoint cannot run code). A checkpoint of another layout is resharded on load (`elastic`).
 """
 
 from __future__ import annotations
@@ -38,11 +41,14 @@ import torch
 import torch.distributed as dist
 
 from mlra_mega.config import CheckpointConfig, ConfigError, flatten
+from mlra_mega import distributed
 from mlra_mega.distributed import ParallelContext
 from mlra_mega.errors import DataError, MlraMegaError
 from mlra_mega.files import atomic_write_text, file_sha256
 from mlra_mega.model.pipeline import global_name, is_tied_copy, layer_offset
+from mlra_mega.train import elastic
 from mlra_mega.train.callbacks import Callback, Priority
+from mlra_mega.train.checkpoint_io import MANIFEST, CheckpointFiles, merge_parts, write_part
 from mlra_mega.train.safe_load import safe_load
 from mlra_mega.zero import gathered
 
@@ -51,8 +57,11 @@ __all__ = ["Checkpointer", "Checkpoint", "tag_for", "model_shard", "model_file",
            "set_rng_state"]
 
 LATEST = "latest"
-MANIFEST = "manifest.json"
 SIDECAR = "sidecar.pt"
+ASYNC_TIMEOUT_S = 3600.0  # how long rank 0 waits for the other ranks' background writes
+# After the barrier of a synchronous save every part is on disk; one still missing on rank 0 is a
+# filesystem the ranks do not share (or one slow to show other hosts' files), not a slow writer.
+SYNC_VISIBLE_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -114,7 +123,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def model_shard(engine: Any) -> dict[str, torch.Tensor]:
     """This rank's parameters, whole (ZeRO-3: gathered over DP; a collective there), under
     their PP=1 names; a pipeline stage's copy of the tied matrix is left out (the first stage's
-    is the same)."""
+    is the same). For diagnostics and tests: checkpoints do not write it (the weights are in
+    DeepSpeed's files once)."""
     model = engine.module
     params = dict(model.named_parameters())
     offset = layer_offset(model)
@@ -124,21 +134,40 @@ def model_shard(engine: Any) -> dict[str, torch.Tensor]:
 
 
 def model_file(tp_rank: int, pp_rank: int, pp_size: int) -> str:
-    """The name, under model/, of a TP rank's (and stage's) parameter file."""
+    """The name, under model/, of a TP rank's (and stage's) parameter file in checkpoints written
+    before the weights were kept once (still read by export)."""
     return f"tp{tp_rank:02d}.pt" if pp_size == 1 else f"tp{tp_rank:02d}-pp{pp_rank:02d}.pt"
 
 
 def _write_manifest(path: Path) -> None:
+    """A manifest of every file with its size and sha256, written in one process (tests use it
+    to make a tampered checkpoint look whole)."""
     files = {str(p.relative_to(path)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(path.rglob("*")) if p.is_file() and p.name != MANIFEST}
-    atomic_write_text(path / MANIFEST, json.dumps({"files": files}, indent=1) + "\n")
+    atomic_write_text(path / MANIFEST, json.dumps({"verify": "sha256", "files": files}, indent=1) + "\n")
+
+
+def _manifest_files(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def hash_problem(path: Path, names: list[str], files: dict[str, Any]) -> str | None:
+    """The first of `names` whose sha256 differs from the manifest's (those without one are skipped)."""
+    for name in names:
+        want = files[name].get("sha256")
+        if want is not None and file_sha256(path / name) != want:
+            return f"{name} does not match its sha256 in the manifest"
+    return None
 
 
 def checkpoint_problem(path: Path, verify_hashes: bool = False) -> str | None:
-    """Why `path` is not a whole checkpoint (no manifest, a file missing, cut short or changed), or None."""
-    try:
-        files = json.loads((path / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError):
+    """Why `path` is not a whole checkpoint (no manifest, a file missing, cut short or, with
+    `verify_hashes`, changed where the manifest has its sha256), or None."""
+    files = _manifest_files(path)
+    if files is None:
         return "no manifest (the save did not finish)"
     for name, entry in files.items():
         f = path / name
@@ -146,11 +175,14 @@ def checkpoint_problem(path: Path, verify_hashes: bool = False) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != entry["size"]:
             return f"{name} has {f.stat().st_size} bytes, the manifest says {entry['size']}"
-        if verify_hashes and file_sha256(f) != entry["sha256"]:
-            return f"{name} does not match its sha256 in the manifest"
+    if verify_hashes:
+        problem = hash_problem(path, sorted(files), files)
+        if problem is not None:
+            return problem
     wanted = ((lambda n: n == SIDECAR, SIDECAR),
-              (lambda n: n == "model/tp00.pt" or n.startswith("model/tp00-pp"), "model/tp00.pt"),
-              (lambda n: n.startswith("rng/"), "the RNG states (rng/)"))
+              (lambda n: n.endswith("model_states.pt") or n.startswith(elastic.ELASTIC_DIR + "/")
+               or n.startswith("model/"), "the model's files"),
+              (lambda n: n.startswith("rng/") or n.startswith(elastic.ELASTIC_DIR + "/"), "the RNG states (rng/)"))
     for listed, what in wanted:
         if not any(listed(name) for name in files):
             return f"its manifest does not list {what}"
@@ -162,35 +194,61 @@ def is_complete(path: Path, verify_hashes: bool = False) -> bool:
     return checkpoint_problem(path, verify_hashes) is None
 
 
-def save_checkpoint(engine: Any, root: Path, step: int, sidecar: dict[str, Any], *, is_main: bool,
-                    dp_rank: int, tp_rank: int, tokenizer_dir: Path | None, keep: int, pp_rank: int = 0,
-                    pp_size: int = 1) -> Checkpoint:
-    """Writes checkpoint `step` under `root` on every rank; rank 0 then points `latest` at it."""
+def _prune(root: Path, tag: str, keep: int) -> None:
+    complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step") and is_complete(p))
+    kept = set(complete[-keep:])
+    for old in root.iterdir():
+        # Older than the newest kept one and not kept: pruned, remains of an interrupted save too.
+        if old.is_dir() and old.name.startswith("step") and old not in kept and old.name < tag:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(engine: Any, root: Path, step: int, sidecar: dict[str, Any], *, ctx: ParallelContext,
+                    tokenizer_dir: Path | None, keep: int, verify: str = "size", background: bool = False,
+                    kill_in_save: bool = False) -> Checkpoint:
+    """Writes checkpoint `step` under `root` on every rank (a collective). At once: when it
+    returns the manifest is written and `latest` points at it. With `background`, DeepSpeed's and
+    our files are snapshotted and written by each rank's writer thread; rank 0's then merges the
+    parts and moves `latest` (`engine.checkpoint_engine.wait()` waits for it)."""
     tag = tag_for(step)
     path = root / tag
-    engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
-    shard = model_shard(engine)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    files: CheckpointFiles = engine.checkpoint_engine
+    files.wait()  # a pending background save of this rank comes first
+    if ctx.is_main and path.exists() and not is_complete(path):
+        shutil.rmtree(path)  # the remains of an interrupted save of this step (stale parts among them)
+    if dist.is_initialized():
+        dist.barrier()
+    files.asynchronous, files.kill_after_first_write, files.written = background, kill_in_save, []
+    meta = elastic.stage_meta(engine, ctx.tp_rank, ctx.tp_size, ctx.pp_rank)
+    engine.save_checkpoint(str(root), tag=tag, client_state={elastic.META: meta}, save_latest=False)
     (path / "rng").mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), path / "rng" / f"rank{rank:05d}.pt")
-    if dp_rank == 0:
-        (path / "model").mkdir(exist_ok=True)
-        torch.save(shard, path / "model" / model_file(tp_rank, pp_rank, pp_size))
-    if is_main:
-        torch.save(sidecar, path / SIDECAR)
+    files.save(rng_state(), str(path / "rng" / f"rank{ctx.rank:05d}.pt"))
+    if ctx.is_main:
+        files.save(sidecar, str(path / SIDECAR))
         if tokenizer_dir is not None:
             shutil.copytree(tokenizer_dir, path / "tokenizer", dirs_exist_ok=True)
-    if dist.is_initialized():
-        dist.barrier()  # every shard is on disk before the manifest and the pointer
-    if is_main:
-        _write_manifest(path)
+            files.written += [p for p in (path / "tokenizer").rglob("*") if p.is_file()]
+    written = list(files.written)
+    files.asynchronous = files.kill_after_first_write = False
+
+    def publish() -> None:  # rank 0, once every part is there
+        merge_parts(path, ctx.world_size, verify, ASYNC_TIMEOUT_S if background else SYNC_VISIBLE_TIMEOUT_S)
         atomic_write_text(root / LATEST, tag + "\n")
-        complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step") and is_complete(p))
-        kept = set(complete[-keep:])
-        for old in root.iterdir():
-            # Older than the newest kept one and not kept: pruned, remains of an interrupted save too.
-            if old.is_dir() and old.name.startswith("step") and old not in kept and old.name < tag:
-                shutil.rmtree(old, ignore_errors=True)
+        _prune(root, tag, keep)
+
+    if background:
+        def finish() -> None:
+            write_part(path, ctx.rank, written, verify)
+            if ctx.is_main:
+                publish()
+
+        files.submit(finish)
+        return Checkpoint(path)
+    write_part(path, ctx.rank, written, verify)
+    if dist.is_initialized():
+        dist.barrier()  # every rank's files and digests are on disk before the manifest and the pointer
+    if ctx.is_main:
+        publish()
     if dist.is_initialized():
         dist.barrier()
     return Checkpoint(path)
@@ -248,6 +306,18 @@ def load_checkpoint(engine: Any, ckpt: Checkpoint) -> None:
     set_rng_state(safe_load(rng))
 
 
+def load_resharded(engine: Any, ckpt: Checkpoint, layout: dict[str, Any], ctx: ParallelContext, *, seed: int,
+                   step: int) -> None:
+    """A checkpoint of another layout into this engine: this rank's slice of every parameter's
+    weights, fp32 master and AdamW moments (`elastic`); RNG states derived from (seed, step)."""
+    model = engine.module
+    offset = layer_offset(model)
+    mine = {global_name(n, offset, tied_copy=is_tied_copy(model, n)) for n, _ in model.named_parameters()}
+    state = elastic.read_state(ckpt.path, layout, tp_size=ctx.tp_size, tp_rank=ctx.tp_rank, wanted=mine.__contains__)
+    elastic.load_state(engine, state, ckpt.path)
+    distributed.reseed(seed, step)
+
+
 def _is_write_failure(exc: Exception) -> bool:
     """A full disk or a file system that refuses writes (torch's zip writer says it as a RuntimeError)."""
     if isinstance(exc, OSError):
@@ -277,14 +347,52 @@ class Checkpointer(Callback):
         if ctx.pp_size > 1:  # absent from checkpoints made before pipeline parallelism: 1
             self.layout["pipeline"] = ctx.pp_size
         self.log = log if ctx.is_main else (lambda s: None)
+        self.seed = int(config.get("train", {}).get("seed", 0))
+        self.kill_in_save_step = config.get("faults", {}).get("kill_in_save_step")
+        self.engine: Any = None  # set at the first load or save: whose writer a wait() waits for
         self.last: Checkpoint | None = None
-        self.last_save_s: float | None = None  # how long the last save took (the SIGTERM budget)
+        self.last_save_s: float | None = None  # how long the last save at once took (the SIGTERM budget)
+        self.last_stall_s: float | None = None  # how long the last save held the step loop
 
     # -- finding and verifying ---------------------------------------------------------------
 
     def find(self, where: Path | None = None, *, before: int | None = None) -> Checkpoint | None:
-        """The newest whole checkpoint (hashes verified) at `where` (default: this run's)."""
-        return find_checkpoint(where or self.run_dir, verify_hashes=True, log=self.log, before=before)
+        """The newest whole checkpoint at `where` (default: this run's): every file's size, and
+        with checkpoint.verify=sha256 its hash, each rank hashing its share (a collective then)."""
+        self.wait()
+        where = where or self.run_dir
+        while True:
+            ckpt = find_checkpoint(where, log=self.log, before=before)
+            if ckpt is None or self.section.verify != "sha256":
+                return ckpt
+            problem = self._hash_problem(ckpt)
+            if problem is None:
+                return ckpt
+            self.log(f"[checkpoint] {ckpt.path} is not usable: {problem}; trying the one before")
+            if (where / MANIFEST).exists():
+                return None
+            before = int(ckpt.tag[len("step"):])
+
+    def _hash_problem(self, ckpt: Checkpoint) -> str | None:
+        """The first file whose sha256 differs, over every rank's share of the files (or None)."""
+        files = _manifest_files(ckpt.path) or {}
+        if not any("sha256" in e for e in files.values()):
+            self.log(f"[checkpoint] checkpoint.verify=sha256, but {ckpt.tag} was saved with verify=size: "
+                     "its files' sizes are checked, not their hashes")
+            return None
+        names = sorted(files)
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        problems: list[str | None] = [hash_problem(ckpt.path, names[rank::world], files)]
+        if world > 1:
+            gathered_problems: list[list[str | None]] = [[] for _ in range(world)]
+            dist.all_gather_object(gathered_problems, problems)
+            problems = [p for ps in gathered_problems for p in ps]
+        return next((p for p in problems if p is not None), None)
+
+    def wait(self) -> None:
+        """Until this rank's pending background save is on disk (rank 0: published)."""
+        if self.engine is not None:
+            self.engine.checkpoint_engine.wait()
 
     def resume_point(self, total_steps: int) -> tuple[Checkpoint | None, dict[str, Any] | None]:
         """(checkpoint, sidecar) to continue from, per `checkpoint.resume`, or (None, None)."""
@@ -327,7 +435,8 @@ class Checkpointer(Callback):
                               "start afresh with --resume never and a new run.dir (or delete this one)")
 
     def _check_compatible(self, ckpt: Checkpoint, sidecar: dict[str, Any]) -> None:
-        """The checkpoint's model and layout are this run's, or a ConfigError naming what differs."""
+        """The checkpoint's model is this run's, or a ConfigError naming what differs (its layout
+        may differ: it is resharded)."""
         saved = {k: v for k, v in flatten(sidecar["config"]).items() if k.startswith("model.")}
         current = {k: v for k, v in flatten(self.config).items() if k.startswith("model.")}
         differ = [f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
@@ -335,13 +444,14 @@ class Checkpointer(Callback):
         if differ:
             raise ConfigError("checkpoint", f"{ckpt.path} was made by a different model: {', '.join(differ)}",
                               "resume with the model config it was made with, or start a new run.dir")
-        layout = sidecar["layout"]
-        changed = [f"{k} {layout.get(k, 1)} -> {v}" for k, v in self.layout.items() if layout.get(k, 1) != v]
-        if layout.get("pipeline", 1) != self.layout.get("pipeline", 1) and "pipeline" not in self.layout:
-            changed.append(f"pipeline {layout['pipeline']} -> 1")
-        if changed:
-            raise ConfigError("checkpoint", f"{ckpt.path} was written at another layout: {', '.join(changed)}",
-                              "resume with the same parallel.tensor, parallel.pipeline, world size and zero.stage")
+
+    def same_layout(self, sidecar: dict[str, Any]) -> bool:
+        """The checkpoint was written at this run's layout (else it is resharded on load)."""
+        def key(layout: dict[str, Any]) -> tuple:
+            return (layout.get("tensor", 1), layout.get("pipeline", 1), layout.get("data"), layout.get("zero_stage"),
+                    layout.get("format", "deepspeed"))
+
+        return key(sidecar["layout"]) == key(self.layout)
 
     def rollback_target(self, counter: Any, bad_step: int, consumed_samples: int) -> Checkpoint:
         """The newest whole checkpoint from before the current run of skipped steps (`counter`, a
@@ -359,9 +469,22 @@ class Checkpointer(Callback):
     # -- loading and saving ------------------------------------------------------------------
 
     def load(self, engine: Any, ckpt: Checkpoint) -> dict[str, Any]:
-        """DeepSpeed's shards and this rank's RNG states into the run; the sidecar (the trainer's state)."""
-        load_checkpoint(engine, ckpt)
-        return read_sidecar(ckpt)
+        """The checkpoint into the run: at this layout DeepSpeed's shards and this rank's RNG
+        states (bit for bit), at another one resharded; the sidecar (the trainer's state)."""
+        self.engine = engine
+        self.wait()
+        sidecar = read_sidecar(ckpt)
+        if self.same_layout(sidecar):
+            load_checkpoint(engine, ckpt)
+            return sidecar
+        start = time.perf_counter()
+        self.log(f"[checkpoint] resharding {elastic.describe_layout(sidecar['layout'])} -> "
+                 f"{elastic.describe_layout(self.layout)} "
+                 f"({ckpt.path})")
+        load_resharded(engine, ckpt, sidecar["layout"], self.ctx, seed=self.seed, step=int(sidecar["step"]))
+        self.log(f"[checkpoint] resharded in {time.perf_counter() - start:.1f} s; per-rank RNG states do not carry "
+                 f"over to another layout: re-derived from (train.seed={self.seed}, step {sidecar['step']})")
+        return sidecar
 
     def on_step_end(self, trainer: Any, metrics: Any) -> None:
         interval = self.section.interval
@@ -369,17 +492,24 @@ class Checkpointer(Callback):
         if metrics.step in (trainer.total_steps, trainer.end_step) or trainer.stop_reason is not None:
             self.save(trainer)
         elif interval and metrics.step % interval == 0 and not metrics.skipped:
-            self.save(trainer)
+            self.save(trainer, background=self.section.async_)
 
-    def save(self, trainer: Any) -> Checkpoint:
+    def on_fit_end(self, trainer: Any) -> None:
+        self.wait()
+
+    def save(self, trainer: Any, background: bool = False) -> Checkpoint:
+        """Checkpoint of this step (after any pending background save); with `background` the
+        files are written while training goes on and `latest` moves once every rank is done."""
         sidecar = {**trainer.state_dict(), "config": self.config, "versions": package_versions(),
                    "layout": self.layout, "finished": trainer.step >= trainer.total_steps}
-        ctx = self.ctx
+        self.engine = trainer.engine
         start = time.perf_counter()
         try:
-            self.last = save_checkpoint(trainer.engine, self.root, trainer.step, sidecar, is_main=ctx.is_main,
-                                        dp_rank=ctx.dp_rank, tp_rank=ctx.tp_rank, tokenizer_dir=self.tokenizer_dir,
-                                        keep=self.section.keep, pp_rank=ctx.pp_rank, pp_size=ctx.pp_size)
+            self.wait()
+            self.last = save_checkpoint(trainer.engine, self.root, trainer.step, sidecar, ctx=self.ctx,
+                                        tokenizer_dir=self.tokenizer_dir, keep=self.section.keep,
+                                        verify=self.section.verify, background=background,
+                                        kill_in_save=self.kill_in_save_step == trainer.step)
         except (OSError, RuntimeError) as exc:
             if not _is_write_failure(exc):
                 raise
@@ -389,5 +519,8 @@ class Checkpointer(Callback):
                                "there is no complete checkpoint yet")
                             + " (fix: free space or fix the file system there, then run again: --resume auto "
                             "continues from the latest complete checkpoint)") from None
-        self.last_save_s = time.perf_counter() - start
+        if background:
+            self.last_stall_s = time.perf_counter() - start
+        else:
+            self.last_save_s = self.last_stall_s = time.perf_counter() - start
         return self.last

@@ -23,7 +23,7 @@ import torch
 
 from mlra_mega.config import ConfigError, OptimConfig, TrainConfig, ZeroConfig
 from mlra_mega.distributed import DeepSpeedMPU, ParallelContext
-from mlra_mega.train.safe_load import make_engine_loads_safe
+from mlra_mega.train.checkpoint_io import CheckpointFiles
 
 __all__ = ["deepspeed_config", "param_groups", "lr_factor", "apply_schedule", "build_engine"]
 
@@ -118,5 +118,5 @@ def build_engine(model: torch.nn.Module, ctx: ParallelContext, train: TrainConfi
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=scheduler, config=ds_cfg,
                                            mpu=DeepSpeedMPU(ctx), dist_init_required=False)
-    make_engine_loads_safe(engine)
+    engine.checkpoint_engine = CheckpointFiles()  # weights-only reads, recorded (and async) writes
     return engine, ds_cfg

@@ -3,10 +3,10 @@
 A pickle can run code as it is read, and a checkpoint may come from anyone; its manifest does not
 help, since whoever sends it can rewrite that. So every checkpoint file is read with torch's
 weights-only unpickler, which builds tensors and plain containers and refuses every other global.
-DeepSpeed's own loads (its `TorchCheckpointEngine` passes `weights_only=False`) are routed here by
-`make_engine_loads_safe`, which replaces the engine's checkpoint-engine `load` (every DeepSpeed
-checkpoint read goes through it: model states, ZeRO optimizer partitions, the state-dict
-loaders). The only globals allowed beyond torch's own are three plain-data DeepSpeed classes that
+DeepSpeed's own loads (its `TorchCheckpointEngine` passes `weights_only=False`) are routed here:
+the engine's checkpoint engine is `train.checkpoint_io.CheckpointFiles`, whose `load` is this
+(every DeepSpeed checkpoint read goes through it: model states, ZeRO optimizer partitions, the
+state-dict loaders). The only globals allowed beyond torch's own are three plain-data DeepSpeed classes that
 its ZeRO optimizer states hold (measured: stages 1-3, fp32 and bf16). A file holding anything
 else is refused with one line naming it; nothing in it runs.
 """
@@ -22,7 +22,7 @@ import torch
 
 from mlra_mega.errors import ConfigError
 
-__all__ = ["UnsafeCheckpoint", "safe_globals", "safe_load", "make_engine_loads_safe"]
+__all__ = ["UnsafeCheckpoint", "safe_globals", "safe_load"]
 
 
 class UnsafeCheckpoint(ConfigError):
@@ -55,12 +55,3 @@ def safe_load(path: str | Path, map_location: Any = None) -> Any:
         raise UnsafeCheckpoint("checkpoint", f"{path} cannot be read as a checkpoint file "
                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})",
                                "use a complete checkpoint written by mlra_mega") from None
-
-
-def make_engine_loads_safe(engine: Any) -> None:
-    """Every checkpoint read of this DeepSpeed engine goes through `safe_load`."""
-
-    def load(path: str, map_location: Any = None) -> Any:
-        return safe_load(path, map_location=map_location)
-
-    engine.checkpoint_engine.load = load

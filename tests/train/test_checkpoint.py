@@ -1,5 +1,6 @@
 """Checkpoints: bit-exact resume at TP=2 x DP=2 ZeRO-2 with dropout, one MLflow run, refusals,
-integrity, and Hugging Face export from TP=2 and ZeRO-3 checkpoints."""
+integrity (checkpoint.verify=size catches a file cut short, sha256 a flipped byte), and Hugging
+Face export from TP=2 and ZeRO-3 checkpoints."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from mlra_mega.config import ConfigError, load_config
 from mlra_mega.train.checkpoint import find_checkpoint, is_complete, read_sidecar
+from mlra_mega.train.safe_load import safe_load
 
 pytestmark = pytest.mark.slow  # every test here launches processes
 
@@ -90,7 +92,8 @@ def test_checkpoint_layout_and_integrity(resumed_runs) -> None:
     assert (root / "latest").read_text().strip() == "step00000010"
     tag = root / "step00000010"
     assert is_complete(tag)
-    assert sorted(p.name for p in (tag / "model").iterdir()) == ["tp00.pt", "tp01.pt"]
+    assert not (tag / "model").exists()  # the weights are in DeepSpeed's files only
+    assert sorted(p.name for p in tag.glob("mp_rank_*")) == ["mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"]
     assert len(list((tag / "rng").iterdir())) == 4
     rngs = [torch.load(p, weights_only=True) for p in sorted((tag / "rng").iterdir())]
     assert not torch.equal(rngs[0]["tracker"]["model-parallel-rng"], rngs[1]["tracker"]["model-parallel-rng"])
@@ -136,15 +139,23 @@ def test_export_from_a_zero3_checkpoint(tmp_path: Path, tokenizer_dir: Path, sam
     run = tmp_path / "z3"
     torchrun(2, overrides(tokenizer_dir, sample_dataset, run, "zero.stage=3", "train.steps=3",
                           "model.tie_embeddings=false"))
-    assert read_sidecar(find_checkpoint(run))["layout"]["zero_stage"] == 3
+    ckpt = find_checkpoint(run)
+    assert read_sidecar(ckpt)["layout"]["zero_stage"] == 3
+    # Saved without gathering: the module in each rank's model states holds no weights (ZeRO-3's
+    # placeholders), each rank's optimizer file holds its own half of the fp32 state.
+    for f in ckpt.path.glob("zero_pp_rank_*_model_states.pt"):
+        module = safe_load(f)["module"]
+        assert module and all(t.numel() == 0 for t in module.values() if isinstance(t, torch.Tensor)), f.name
+    sizes = [f.stat().st_size for f in sorted(ckpt.path.glob("zero_pp_rank_*_optim_states.pt"))]
+    assert len(sizes) == 2 and abs(sizes[0] - sizes[1]) < 0.01 * sizes[0]
     assert _export_and_compare(run, tmp_path / "hf", tokenizer_dir) <= 1e-5
 
 
-def _train(tokenizer_dir: Path, dataset: str, run_dir: Path, *extra: str):
+def _train(tokenizer_dir: Path, dataset: str, run_dir: Path, *extra: str, log=lambda s: None):
     from mlra_mega.train.run import train
 
     return train(load_config(None, overrides(tokenizer_dir, dataset, run_dir, "tracking.enabled=false", *extra)),
-                 log=lambda s: None)
+                 log=log)
 
 
 def test_refusals(tmp_path: Path, tokenizer_dir: Path, sample_dataset: str) -> None:
@@ -173,7 +184,7 @@ def test_incomplete_checkpoints_are_skipped_and_keep_prunes(tmp_path: Path, toke
     _train(tokenizer_dir, sample_dataset, run, "train.steps=6", "checkpoint.interval=2", "checkpoint.keep=2")
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step00000004", "step00000006"]
     # A shard cut short (a crash mid-write): the newest is no longer whole; the pointer is not trusted.
-    shard = root / "step00000006" / "model" / "tp00.pt"
+    shard = root / "step00000006" / "mp_rank_00_model_states.pt"
     shard.write_bytes(shard.read_bytes()[:100])
     assert not is_complete(root / "step00000006")
     assert find_checkpoint(run).tag == "step00000004"
@@ -183,8 +194,10 @@ def test_incomplete_checkpoints_are_skipped_and_keep_prunes(tmp_path: Path, toke
 
 def test_a_flipped_byte_is_caught_and_the_previous_checkpoint_used(tmp_path: Path, tokenizer_dir: Path,
                                                                    sample_dataset: str) -> None:
+    """checkpoint.verify=sha256: each rank hashes what it wrote, the resume checks the hashes."""
     run = tmp_path / "run"
-    _train(tokenizer_dir, sample_dataset, run, "train.steps=6", "checkpoint.interval=2", "train.stop_at=4")
+    sha = "checkpoint.verify=sha256"
+    _train(tokenizer_dir, sample_dataset, run, "train.steps=6", "checkpoint.interval=2", "train.stop_at=4", sha)
     shard = run / "checkpoints" / "step00000004" / "mp_rank_00_model_states.pt"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01  # same size, one bit changed
@@ -193,8 +206,10 @@ def test_a_flipped_byte_is_caught_and_the_previous_checkpoint_used(tmp_path: Pat
     said: list[str] = []
     assert find_checkpoint(run, verify_hashes=True, log=said.append).tag == "step00000002"
     assert "does not match its sha256" in said[0]
-    history, _ = _train(tokenizer_dir, sample_dataset, run, "train.steps=6")  # resumes from step 2
+    said.clear()
+    history, _ = _train(tokenizer_dir, sample_dataset, run, "train.steps=6", sha, log=said.append)  # from step 2
     assert [m.step for m in history] == [3, 4, 5, 6]
+    assert any("step00000004 is not usable" in line and "sha256" in line for line in said), said
 
 
 def test_tracking_off_runs_without_mlflow(tmp_path: Path, tokenizer_dir: Path, sample_dataset: str) -> None:

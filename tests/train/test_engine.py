@@ -53,9 +53,18 @@ def _overrides(data: TrainData, extra: list[str]) -> list[str]:
 def _train(data: TrainData, extra: list[str], callbacks=()) -> dict:
     from mlra_mega.train.run import train
 
-    history, _ = train(load_config(None, _overrides(data, extra)), callbacks, log=lambda s: None)
-    return {"loss": [m.loss for m in history], "grad_norm": [m.grad_norm for m in history],
-            "tev": [m.tev_mean for m in history if m.tev_mean is not None]}
+    import torch.distributed as dist
+
+    from mlra_mega.train.checkpoint import find_checkpoint, read_sidecar
+    from mlra_mega.train.elastic import read_state
+
+    history, run_dir = train(load_config(None, _overrides(data, extra)), callbacks, log=lambda s: None)
+    out = {"loss": [m.loss for m in history], "grad_norm": [m.grad_norm for m in history],
+           "tev": [m.tev_mean for m in history if m.tev_mean is not None]}
+    if dist.get_rank() == 0:  # the final checkpoint read back layout-free (train/elastic.py)
+        ckpt = find_checkpoint(run_dir)
+        out["state"] = read_state(ckpt.path, read_sidecar(ckpt)["layout"]).params
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +116,22 @@ def test_tp2_dp2_matches_one_process(layout: str, data: TrainData) -> None:
         assert run["dtype"] == "torch.float32"
         # TEV recorded during the run (ZeRO-3: on the gathered rows) is the one-process TEV.
         assert len(run["tev"]) == 2 and all(_rel(a, b) <= REL for a, b in zip(run["tev"], ref["tev"]))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_zero_stage_checkpoint_reads_back_layout_free(layout: str, data: TrainData) -> None:
+    """DeepSpeed's files of TP=2 x DP=2 at each stage, read by `elastic.read_state` as TP=1 state,
+    hold the one-process run's weights and AdamW moments."""
+    from mlra_mega.train.elastic import KEYS
+
+    (ref,) = dist_result(__name__, 1, "reference", data=data)
+    got, want = dist_result(__name__, 4, "tp2_dp2", data=data)[0][layout]["state"], ref["state"]
+    assert set(got) == set(want) and len(want) > 20
+    tol = BF16_REL if layout == "bf16" else REL
+    for key in KEYS:
+        scale = max(t[key].abs().max().item() for t in want.values())
+        worst = max((got[n][key] - want[n][key]).abs().max().item() for n in want)
+        assert scale > 0 and worst <= tol * scale, f"{key}: {worst} vs scale {scale}"
 
 
 def test_bf16_tracks_fp32(data: TrainData) -> None:

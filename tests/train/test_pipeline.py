@@ -220,13 +220,18 @@ def test_pipeline_checkpoint_files(data: TrainData) -> None:
     run = dist_result(__name__, 4, "world4", data=data)[0]["tp2_pp2"]["mlra"]
     ckpt = find_checkpoint(Path(run["run_dir"]), verify_hashes=True)
     assert read_sidecar(ckpt)["layout"] == {"tensor": 2, "data": 1, "zero_stage": 1, "pipeline": 2}
-    model = sorted(p.name for p in (ckpt.path / "model").iterdir())
-    assert model == ["tp00-pp00.pt", "tp00-pp01.pt", "tp01-pp00.pt", "tp01-pp01.pt"]
-    assert sorted(p.name for p in ckpt.path.glob("mp_rank_*")) == [f"mp_rank_0{i}_model_states.pt" for i in range(4)]
-    first, last = (safe_load(ckpt.path / "model" / f"tp00-pp0{s}.pt") for s in (0, 1))
-    assert {k.split(".")[2] for k in first if k.startswith("decoder.layers.")} == {"0", "1"}
-    assert {k.split(".")[2] for k in last if k.startswith("decoder.layers.")} == {"2", "3"}
-    assert "embedding.word_embeddings.weight" in first and not any("output_layer" in k for k in last)  # tied
+    assert not (ckpt.path / "model").exists()  # the weights are written once, in DeepSpeed's files
+    files = sorted(ckpt.path.glob("mp_rank_*"))
+    assert [p.name for p in files] == [f"mp_rank_0{i}_model_states.pt" for i in range(4)]
+    layers: dict[tuple[int, int], set[int]] = {}
+    for f in files:
+        states = safe_load(f)
+        meta = states["mlra"]  # our record of the file's TP rank and stage (train/elastic.py)
+        layers[meta["tp_rank"], meta["pp_rank"]] = {int(k.split(".")[2]) + meta["layer_offset"]
+                                                    for k in states["module"] if k.startswith("decoder.layers.")}
+        if meta["pp_rank"] == 0:
+            assert "embedding.word_embeddings.weight" in states["module"]
+    assert layers == {(t, 0): {0, 1} for t in (0, 1)} | {(t, 1): {2, 3} for t in (0, 1)}
 
 
 def test_export_from_a_tp2_pp2_checkpoint(data: TrainData, tmp_path, tokenizer_dir) -> None:
@@ -296,8 +301,8 @@ def test_sigusr1_to_one_stage_stops_every_rank_with_a_checkpoint(data: TrainData
     assert marker["saved"] and marker["signal"] == "SIGUSR1" and 5 <= stopped < 300, out[-2000:]
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step{stopped:08d}"
     assert [r["step"] for r in steps(run)] == list(range(1, stopped + 1))
-    assert sorted(p.name for p in (run / "checkpoints" / f"step{stopped:08d}" / "model").iterdir()) == [
-        "tp00-pp00.pt", "tp00-pp01.pt"]
+    assert sorted(p.name for p in (run / "checkpoints" / f"step{stopped:08d}").glob("mp_rank_*")) == [
+        "mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"]
     # Rank 0 (the first stage) tracked every step: the last stage's loss, its own TEV.
     from mlflow.tracking import MlflowClient
 

@@ -51,11 +51,12 @@ def checkpoint_files(stopped_run: Path) -> list[str]:
 
 def test_the_checkpoint_has_every_kind_of_file(stopped_run: Path) -> None:
     names = checkpoint_files(stopped_run)
-    assert {"sidecar.pt", "model/tp00.pt", "rng/rank00000.pt", "mp_rank_00_model_states.pt",
+    assert {"sidecar.pt", "rng/rank00000.pt", "mp_rank_00_model_states.pt",
             "zero_pp_rank_0_mp_rank_00_optim_states.pt"} <= set(names)
+    assert not any(n.startswith("model/") for n in names)  # the weights are in DeepSpeed's files, once
 
 
-# What a resume reads (model/tpNN.pt is read by export only; each save writes it anew); None: all.
+# What a resume reads; None: all.
 RESUME_READS = ["sidecar.pt", "rng/rank00000.pt", "mp_rank_00_model_states.pt",
                 "zero_pp_rank_0_mp_rank_00_optim_states.pt", None]
 
@@ -77,7 +78,8 @@ def test_a_payload_in_any_file_is_refused_at_resume(file: str | None, stopped_ru
     assert (run / "metrics.jsonl").read_text() == before  # no step ran on top of it
 
 
-@pytest.mark.parametrize("file", ["sidecar.pt", "model/tp00.pt", None], ids=["sidecar", "tp00", "every-file"])
+@pytest.mark.parametrize("file", ["sidecar.pt", "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                  None], ids=["sidecar", "model-states", "optim-states", "every-file"])
 def test_a_payload_is_refused_at_export(file: str | None, stopped_run: Path, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     run, marker = poisoned_copy(stopped_run, tmp_path, *([file] if file else []))
@@ -89,7 +91,7 @@ def test_a_payload_is_refused_at_export(file: str | None, stopped_run: Path, tmp
 
 
 def test_deepspeed_still_loads_unsafely_without_the_shim() -> None:
-    """Canary: once DeepSpeed's engine loads weights-only itself, `make_engine_loads_safe` can go."""
+    """Canary: once DeepSpeed's engine loads weights-only itself, `CheckpointFiles.load` need not route reads."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     assert "weights_only=False" in inspect.getsource(TorchCheckpointEngine.load)
