@@ -51,7 +51,7 @@ def measure(name: str, work: Path) -> dict:
     from mlra_mega.model.build import build_model, count_parameters
     from mlra_mega.train.checkpoint import Checkpoint, checkpoint_problem, load_checkpoint, load_resharded, \
         save_checkpoint
-    from mlra_mega.train.engine import build_engine
+    from mlra_mega.train.engine import build_engine, release_engine
 
     layers, hidden, heads, vocab, seq = SIZES[name]
     ctx = distributed.setup(ParallelConfig(tensor=1), seed=0)
@@ -95,6 +95,7 @@ def measure(name: str, work: Path) -> dict:
         out["load_resharded_s"] = _timed(lambda: load_resharded(engine, Checkpoint(sha), sidecar["layout"], ctx,
                                                                 seed=0, step=1))
         shutil.rmtree(work / name, ignore_errors=True)
+        release_engine(engine)
         return out
     finally:
         distributed.teardown()

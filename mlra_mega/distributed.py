@@ -26,7 +26,7 @@ from mlra_mega import cpu
 from mlra_mega.config import ParallelConfig
 from mlra_mega.errors import ConfigError
 
-__all__ = ["ParallelContext", "DeepSpeedMPU", "LaunchEnv", "launch_env", "check_world", "from_stage", "setup", "teardown", "seed_everything", "reseed", "silent_ranks"]
+__all__ = ["ParallelContext", "DeepSpeedMPU", "LaunchEnv", "launch_env", "check_world", "from_stage", "setup", "teardown", "seed_everything", "reseed", "silent_ranks", "with_hosts"]
 
 
 @dataclass(frozen=True)
@@ -231,6 +231,12 @@ def setup(parallel: ParallelConfig, seed: int, *, timeout_s: float = 600.0) -> P
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=parallel.tensor,
                                              pipeline_model_parallel_size=parallel.pipeline)
 
+    if env.world_size > 1:
+        # Every rank's host, once: when one dies, the others can say where it ran.
+        hosts: list[Any] = [None] * env.world_size
+        dist.all_gather_object(hosts, socket.gethostname())
+        _HOSTS[:] = hosts
+
     seed_everything(seed)
     model_parallel_cuda_manual_seed(seed)
     # The first and last stage hold the embedding group (megatron's default embedding ranks); its
@@ -268,6 +274,14 @@ def teardown(keep_process_group: bool = False) -> None:
         parallel_state.destroy_model_parallel()
     if not keep_process_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+_HOSTS: list[str] = []  # rank -> host, gathered at setup
+
+
+def with_hosts(ranks: list[int]) -> str:
+    """`3 (node2), 5 (node3)`: ranks with the host each ran on, where setup saw them."""
+    return ", ".join(f"{r} ({_HOSTS[r]})" if r < len(_HOSTS) else str(r) for r in ranks)
 
 
 def silent_ranks(wait_s: float = 5.0) -> list[int] | None:

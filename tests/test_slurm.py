@@ -10,10 +10,10 @@ script for 4 nodes x 8 GPUs has the rendezvous and resource lines.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -45,7 +45,7 @@ def _running(name: str) -> bool:
 def cluster():
     """The local cluster; stopped again afterwards when this module started it (CI starts its own)."""
     env = dict(os.environ, MLRA_SLURM_DIR=str(SLURM_DIR))
-    was_up = all(_running(n) for n in ("munged", "slurmctld", "slurmd"))
+    was_up = all(_running(n) for n in ("munged", "slurmctld", "slurmd-localhost"))
     script = str(REPO / "scripts" / "slurm_local.sh")
     proc = subprocess.run(["bash", script, "start"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -169,7 +169,7 @@ def test_sigkill_of_one_task_ends_the_job_naming_it(cluster, tmp_path: Path, tok
     assert job_state(job) in (None, "FAILED") and kill_to_end < 60, job_state(job)
     log = "".join(p.read_text() for p in run.glob("slurm-*.out"))
     assert re.search(r"srun: error: \S+: task 1: Killed", log), log[-3000:]  # srun names the task
-    assert "rank 0: lost rank(s) 1 during step" in log, log[-3000:]  # and so does the survivor
+    assert f"rank 0: lost rank(s) 1 ({socket.gethostname()}) during step" in log, log[-3000:]  # and so does the survivor
     print(f"\n[dead rank] srun --kill-on-bad-exit=1: SIGKILL of task 1 to the job's end {kill_to_end:.2f}s")
 
 

@@ -25,7 +25,7 @@ from mlra_mega.config import ConfigError, OptimConfig, TrainConfig, ZeroConfig
 from mlra_mega.distributed import DeepSpeedMPU, ParallelContext
 from mlra_mega.train.checkpoint_io import CheckpointFiles
 
-__all__ = ["deepspeed_config", "param_groups", "lr_factor", "apply_schedule", "build_engine"]
+__all__ = ["deepspeed_config", "param_groups", "lr_factor", "apply_schedule", "build_engine", "release_engine"]
 
 
 def deepspeed_config(train: TrainConfig, optim: OptimConfig, zero: ZeroConfig, dp_size: int,
@@ -120,3 +120,22 @@ def build_engine(model: torch.nn.Module, ctx: ParallelContext, train: TrainConfi
                                            mpu=DeepSpeedMPU(ctx), dist_init_required=False)
     engine.checkpoint_engine = CheckpointFiles()  # weights-only reads, recorded (and async) writes
     return engine, ds_cfg
+
+
+def release_engine(engine: Any) -> None:
+    """Lets an engine and everything it holds (the process groups and their gloo threads) be
+    freed. DeepSpeed's hooks keep the engine in cycles that run through C++, which Python's gc
+    cannot see: `destroy()` removes them. ZeRO-3 also keeps modules in two module-level places:
+    its forward stack (after a forward without backward, an evaluation) and a class-wide
+    lru_cache of which parameters to release per submodule; both are emptied."""
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    engine.destroy()
+    ours = {id(m) for m in engine.module.modules()}
+    parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if id(m) not in ours]
+    cached = getattr(PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release", None)
+    # Under DeepSpeed's nvtx wrapper (a closure, no __wrapped__) sits the lru_cache.
+    for cell in getattr(cached, "__closure__", None) or ():
+        if hasattr(cell.cell_contents, "cache_clear"):
+            cell.cell_contents.cache_clear()  # only a cost for another engine here: computed again

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +31,7 @@ from mlra_mega.model.build import build_model, recompute_settings
 from mlra_mega.tracking.mlflow import MLflowLogger, check_tracking_store, tracking_uri
 from mlra_mega.train.callbacks import CONFIG_CHANGES, Callback, ConsoleLogger, MetricsFile, RunSummary
 from mlra_mega.train.checkpoint import Checkpointer
-from mlra_mega.train.engine import build_engine
+from mlra_mega.train.engine import build_engine, release_engine
 from mlra_mega.train.nonfinite import drill_from
 from mlra_mega.train.profiler import StepProfiler
 from mlra_mega.train.rank_logs import HangDrill, RankLog, Watchdog
@@ -139,7 +140,7 @@ def _name_lost_peers(ctx: ParallelContext, step: int, exc: Exception) -> None:
         return
     silent = distributed.silent_ranks()
     if silent:
-        raise PeerLost(f"rank {ctx.rank}: lost rank(s) {', '.join(map(str, silent))} during step {step} "
+        raise PeerLost(f"rank {ctx.rank}: lost rank(s) {distributed.with_hosts(silent)} during step {step} "
                        f"({str(exc).splitlines()[0][:200]}); they died or hang: see their logs under logs/ in the "
                        "run directory. The restart resumes from the last complete checkpoint") from exc
 
@@ -201,12 +202,24 @@ def _run(cfg: RunConfig, ctx: ParallelContext, engine, batches: TrainBatches, da
 def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), log: Callable[[str], None] = print
           ) -> tuple[list[StepMetrics], Path]:
     """Runs `cfg` to `train.steps`; returns the per-step metrics and the run directory."""
+    try:
+        return _train(cfg, callbacks, log)
+    finally:
+        # The run's objects are unreachable now but partly in cycles: collected here, their
+        # process groups' gloo threads end now rather than at some later collection (runs in
+        # one process, as a sweep's or the tests', would otherwise pile them up, all polling).
+        gc.collect()
+
+
+def _train(cfg: RunConfig, callbacks: Sequence[Callback], log: Callable[[str], None]
+           ) -> tuple[list[StepMetrics], Path]:
     dp = validate_layout(cfg, launch_env().world_size if not dist.is_initialized() else dist.get_world_size())
     cfg, tokenizer = _with_tokenizer_vocab(cfg)
     if cfg.tracking.enabled:
         check_tracking_store(tracking_uri(cfg))
     owns_process_group = not dist.is_initialized()
     ctx = distributed.setup(cfg.parallel, cfg.train.seed)
+    engine = None
     try:
         seed = cfg.data.seed if cfg.data.seed is not None else cfg.train.seed
         data = build_datasets(cfg.data, cfg.model.seq_length, tokenizer, seed)
@@ -232,4 +245,6 @@ def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), log: Callable[[str
             if lock is not None:
                 lock.release()
     finally:
+        if engine is not None:
+            release_engine(engine)  # else its hooks keep it, and its process groups, alive
         distributed.teardown(keep_process_group=not owns_process_group)

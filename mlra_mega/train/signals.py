@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mlra_mega.distributed import silent_ranks
+from mlra_mega.distributed import silent_ranks, with_hosts
 from mlra_mega.files import atomic_write_text
 from mlra_mega.train import rank_logs
 from mlra_mega.train.callbacks import Callback, Priority
@@ -92,7 +92,7 @@ class PreemptionGuard(Callback):
         """Leaves without a checkpoint: an in-flight collective with a dead peer cannot be
         cleaned up, so this process exits at once (metrics.jsonl is already on disk)."""
         silent = silent_ranks()
-        who = f"rank(s) {', '.join(map(str, silent))} did not answer" if silent else "another rank did not answer"
+        who = f"rank(s) {with_hosts(silent)} did not answer" if silent else "another rank did not answer"
         print(f"mlra-mega: error: rank {dist.get_rank()}: {signal_name} after step {step}, but {who} within "
               f"faults.peer_timeout_s={self.peer_timeout_s:g}s ({str(exc).splitlines()[0][:200]}); exiting without "
               "a checkpoint: the restart resumes from the last complete one", file=sys.stderr, flush=True)

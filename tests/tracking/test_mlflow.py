@@ -36,15 +36,17 @@ KEYS = ("loss", "lr", "grad_norm", "tev_mean", "consumed_samples")
 class Server:
     """`mlflow server --workers 1` on a free port over one SQLite file, stopped and started at will."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, host: str = "127.0.0.1", prefix: tuple[str, ...] = ()) -> None:
+        """`prefix` runs the server under another command (`nsenter --net=...`: on a node's
+        address, in its network namespace), where a free port here is free too."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.root, self.proc = root, None
-        self.uri = f"http://127.0.0.1:{self.port}"
+        self.root, self.proc, self.host, self.prefix = root, None, host, prefix
+        self.uri = f"http://{host}:{self.port}"
 
     def start(self, wait: bool = True) -> None:
-        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [*self.prefix, sys.executable, "-m", "mlflow", "server", "--host", self.host, "--port", str(self.port),
                "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
                "--artifacts-destination", str(self.root / "artifacts")]
         log = (self.root / "server.log").open("a")

@@ -11,6 +11,8 @@ the checkpoint's per-stage parameter files hold the PP=1 names.
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from mlra_mega.config import ConfigError, load_config
@@ -328,7 +330,7 @@ def test_sigkill_of_a_middle_stage_ends_the_job_naming_it(data: TrainData, tmp_p
     out = finish(proc, timeout=120, check=False)
     kill_to_exit = time.time() - t_kill
     assert proc.returncode != 0 and kill_to_exit < 60, out[-3000:]
-    assert "lost rank(s) 1 during step" in out, out[-3000:]
+    assert f"lost rank(s) 1 ({socket.gethostname()}) during step" in out, out[-3000:]
     print(f"\n[dead stage] PP=4: SIGKILL of rank 1 (a middle stage) to the launcher's exit {kill_to_exit:.2f}s")
 
 

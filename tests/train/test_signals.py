@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -162,7 +163,7 @@ def test_sigkill_of_one_rank_ends_the_job_naming_it_and_the_restart_matches(
     out = finish(proc, timeout=120, check=False)
     kill_to_exit = time.time() - t_kill
     assert proc.returncode != 0 and kill_to_exit < 60, out[-3000:]
-    assert "rank 0: lost rank(s) 1 during step" in out, out[-3000:]  # the survivor names it
+    assert f"rank 0: lost rank(s) 1 ({socket.gethostname()}) during step" in out, out[-3000:]  # the survivor names it
     if launcher == "torchrun":  # and so does the launcher
         assert re.search(r"Root Cause.*?rank\s*: 1 \(local_rank: 1\)\s*exitcode\s*: -9", out, re.S), out[-3000:]
     else:
