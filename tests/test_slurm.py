@@ -45,7 +45,7 @@ def _running(name: str) -> bool:
 def cluster():
     """The local cluster; stopped again afterwards when this module started it (CI starts its own)."""
     env = dict(os.environ, MLRA_SLURM_DIR=str(SLURM_DIR))
-    was_up = all(_running(n) for n in ("munged", "slurmctld", "slurmd-localhost"))
+    was_up = all(_running(n) for n in ("munged", "slurmctld", "slurmd"))
     script = str(REPO / "scripts" / "slurm_local.sh")
     proc = subprocess.run(["bash", script, "start"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr

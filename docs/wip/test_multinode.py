@@ -1,0 +1,265 @@
+"""Two Slurm nodes on one machine (`scripts/slurm_local.sh start --nodes 2`: node1 and node2, each
+in its own network namespace on one bridge), through `mlra-mega submit --nodes 2 --cpu`; MLflow is
+a server on node1's address.
+
+TP=2 inside each node x DP=2 across them completes and equals a one-node run of the same layout
+within 1e-6; `scancel --signal=USR1` stops every rank on both nodes at one step with a
+checkpoint, and the requeued job ends like the uninterrupted one; SIGKILL of a task on node2 ends
+the job within 60 s with the rank and its host named, and a resubmission resumes; node2 failing
+mid-run (its network link cut: nothing from it arrives any more) ends the job as a node failure, Slurm
+requeues it, and it resumes from the last complete checkpoint once the node is back; a job
+submitted with `--nodes 1-2` whose second node stays down is requeued onto node1 alone (DP
+halves) and continues from the two-node checkpoint. `stop` leaves no namespace, link, hosts
+entry or daemon behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from mlra_mega.cli import main
+from tests.test_slurm import SLURM_DIR, batch_times, job_state, wait_done, wait_steps
+from tests.tracking.test_mlflow import Server
+from tests.train.test_checkpoint import REPO, overrides, steps, torchrun
+
+SCRIPT = REPO / "scripts" / "slurm_local.sh"
+STEPS = 60
+NODE1 = "10.77.0.11"
+LAYOUT = ["parallel.tensor=2", f"train.steps={STEPS}", "checkpoint.interval=10"]
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("nsenter") is None,
+                                 reason="needs root, ip and nsenter for the nodes' network namespaces"),
+              pytest.mark.skipif(shutil.which("apt-get") is None and shutil.which("slurmctld") is None,
+                                 reason="needs Slurm or apt-get to install it")]
+
+
+def node_states() -> dict[str, str]:
+    proc = subprocess.run(["sinfo", "-h", "-N", "-p", "multi", "-o", "%N %T"], capture_output=True, text=True)
+    return dict(line.split() for line in proc.stdout.splitlines() if line.strip())
+
+
+def _up() -> bool:
+    return all(s.rstrip("*") in ("idle", "mixed", "allocated") for s in node_states().values()) and \
+        len(node_states()) == 2
+
+
+def slurm_local(*args: str) -> str:
+    proc = subprocess.run(["bash", str(SCRIPT), *args], env=dict(os.environ, MLRA_SLURM_DIR=str(SLURM_DIR)),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    """The two-node cluster; stopped again afterwards when this module started it (CI starts its own)."""
+    os.environ["SLURM_CONF"] = str(SLURM_DIR / "slurm.conf")
+    # The nodes' addresses are never to go through a proxy.
+    for name in ("no_proxy", "NO_PROXY"):
+        os.environ[name] = ",".join(filter(None, [os.environ.get(name), "10.77.0.11,10.77.0.12,node1,node2"]))
+    was_up = _up()
+    slurm_local("start", "--nodes", "2")
+    yield
+    if not was_up:
+        slurm_local("stop")
+
+
+@pytest.fixture(autouse=True)
+def both_nodes_up(nodes):
+    """A test that takes node2 down brings it back; this checks the next one starts with both."""
+    if not _up():
+        slurm_local("node-up", "2")
+    assert _up(), node_states()
+
+
+@pytest.fixture(scope="module")
+def server(nodes, tmp_path_factory: pytest.TempPathFactory):
+    srv = Server(tmp_path_factory.mktemp("node1-mlflow"), host=NODE1,
+                 prefix=("nsenter", "--net=/var/run/netns/mlra-node1"))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def submit(run_dir: Path, tokenizer_dir: Path, dataset: str, server: Server, *extra: str, nodes: str = "2") -> str:
+    args = ["submit", str(REPO / "configs" / "quickstart.yaml"), "--cpu", "--nodes", nodes, "--tasks-per-node", "2",
+            "--cpus-per-task", "1", "--partition", "multi", "--time", "00:15:00", "--signal-lead", "60",
+            *overrides(tokenizer_dir, dataset, run_dir, *LAYOUT, f"tracking.uri={server.uri}", *extra)]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(args) == 0
+    return re.search(r"submitted job (\d+)", out.getvalue()).group(1)
+
+
+def mlflow_steps(server: Server, run_dir: Path) -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=server.uri)
+    exp = client.get_experiment_by_name("quickstart")
+    (run,) = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == run_dir.name]
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+
+
+def slurm_log(run_dir: Path) -> str:
+    return "".join(p.read_text() for p in sorted(run_dir.glob("slurm-*.out")))
+
+
+def assert_every_step_once_like(run: Path, reference: Path, server: Server) -> None:
+    records = steps(run)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in records] == [r["loss"] for r in steps(reference)]
+    assert mlflow_steps(server, run) == list(range(1, STEPS + 1))
+
+
+def tasks_of(job: str) -> dict[int, object]:
+    """SLURM_PROCID -> the training process of that task."""
+    import psutil
+
+    found = {}
+    for proc in psutil.process_iter():
+        try:
+            env, cmd = proc.environ(), " ".join(proc.cmdline())
+        except Exception:  # noqa: BLE001 - gone, or not ours to read
+            continue
+        if env.get("SLURM_JOB_ID") == job and "launchers/train.py" in cmd:
+            found[int(env["SLURM_PROCID"])] = proc
+    return found
+
+
+@pytest.fixture(scope="module")
+def straight(server, tmp_path_factory, tokenizer_dir: Path, sample_dataset: str) -> Path:
+    """The uninterrupted two-node job (the reference of the interrupted ones)."""
+    run = tmp_path_factory.mktemp("two-nodes") / "straight"
+    wait_done(submit(run, tokenizer_dir, sample_dataset, server))
+    return run
+
+
+def test_tp2_in_each_node_dp2_across_them_equals_one_node(straight: Path, server: Server, tmp_path: Path,
+                                                          tokenizer_dir: Path, sample_dataset: str) -> None:
+    one_node = tmp_path / "one-node"
+    torchrun(4, overrides(tokenizer_dir, sample_dataset, one_node, *LAYOUT, "tracking.enabled=false"))
+    ours, ref = steps(straight), steps(one_node)
+    assert [r["step"] for r in ours] == list(range(1, STEPS + 1))
+    for a, b in zip(ours, ref, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=0)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6, abs=0)
+    assert mlflow_steps(server, straight) == list(range(1, STEPS + 1))
+    log = slurm_log(straight)
+    assert "4 processes = tensor 2 x data 2" in log and "on node[1-2]" in log, log[-2000:]
+    cards = [(straight / "logs" / f"rank{r:05d}.json").read_text() for r in range(4)]
+    assert [re.search(r'"host": "(\w+)"', c).group(1) for c in cards] == ["node1", "node1", "node2", "node2"]
+
+
+def test_usr1_stops_both_nodes_at_one_step_and_the_requeued_job_matches(
+        straight: Path, server: Server, tmp_path: Path, tokenizer_dir: Path, sample_dataset: str) -> None:
+    from mlra_mega.train.checkpoint import is_complete
+
+    run = tmp_path / "usr1"
+    job = submit(run, tokenizer_dir, sample_dataset, server)
+    wait_steps(run, 3)
+    t_signal = time.time()
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    wait_done(job)
+    assert_every_step_once_like(run, straight, server)
+    starts = batch_times(run)
+    assert len(starts) == 2, "the job ran twice: before and after the requeue"
+    (stop,) = re.findall(r"\[batch\] preempted \(.*\"step\": (\d+)", slurm_log(run))
+    ckpt = run / "checkpoints" / f"step{int(stop):08d}"
+    assert is_complete(ckpt)  # every rank's files, on both nodes, at that one step
+    assert sorted(p.name for p in (ckpt / "rng").iterdir()) == [f"rank{r:05d}.pt" for r in range(4)]
+    print(f"\n[two nodes] USR1: signal-to-restart {starts[1] - t_signal:.1f}s")
+
+
+def test_sigkill_of_a_task_on_node2_ends_the_job_naming_it_and_a_resubmission_resumes(
+        straight: Path, server: Server, tmp_path: Path, tokenizer_dir: Path, sample_dataset: str) -> None:
+    run = tmp_path / "killed"
+    job = submit(run, tokenizer_dir, sample_dataset, server)
+    wait_steps(run, 25)
+    victim = tasks_of(job)[3]
+    t_kill = time.time()
+    victim.kill()
+    deadline = t_kill + 120
+    while job_state(job) not in (None, "FAILED", "COMPLETED", "CANCELLED") and time.time() < deadline:
+        time.sleep(0.2)
+    kill_to_end = time.time() - t_kill
+    assert job_state(job) in (None, "FAILED") and kill_to_end < 60, job_state(job)
+    log = slurm_log(run)
+    assert re.search(r"srun: error: node2: task 3: Killed", log), log[-3000:]
+    assert re.search(r"lost rank\(s\) (\d+ \(node\d\), )*3 \(node2\)", log), log[-3000:]
+    killed_at = len(steps(run))
+    job = submit(run, tokenizer_dir, sample_dataset, server)  # Slurm does not requeue a failure
+    wait_done(job)
+    assert re.search(r"resuming \S+/step000000[1-5]0 at step", slurm_log(run)), slurm_log(run)[-3000:]
+    assert_every_step_once_like(run, straight, server)
+    print(f"\n[two nodes] SIGKILL of task 3 on node2 at step {killed_at}: kill-to-exit {kill_to_end:.1f}s")
+
+
+def test_node2_failing_mid_run_requeues_and_resumes_once_it_is_back(
+        straight: Path, server: Server, tmp_path: Path, tokenizer_dir: Path, sample_dataset: str) -> None:
+    run = tmp_path / "node-failure"
+    job = submit(run, tokenizer_dir, sample_dataset, server)
+    wait_steps(run, 25)
+    t_fail = time.time()
+    slurm_local("node-down", "2")
+    seen = set()
+    deadline = t_fail + 180
+    while not (seen & {"NODE_FAIL", "PENDING", "REQUEUED"}) and time.time() < deadline:
+        seen.add(job_state(job))
+        time.sleep(0.2)
+    fail_to_requeue = time.time() - t_fail
+    assert seen & {"NODE_FAIL", "PENDING", "REQUEUED"}, seen
+    assert node_states()["node2"].rstrip("*") == "down"
+    slurm_local("node-up", "2")
+    wait_done(job)
+    starts = batch_times(run)
+    assert len(starts) == 2, slurm_log(run)[-3000:]
+    assert re.search(r"resuming \S+/step000000[1-5]0 at step", slurm_log(run)), slurm_log(run)[-3000:]
+    assert_every_step_once_like(run, straight, server)
+    print(f"\n[two nodes] node2 failure: fail-to-requeue {fail_to_requeue:.1f}s, fail-to-restart "
+          f"{starts[1] - t_fail:.1f}s")
+
+
+def test_a_job_on_1_to_2_nodes_continues_on_node1_alone_when_node2_stays_down(
+        straight: Path, server: Server, tmp_path: Path, tokenizer_dir: Path, sample_dataset: str) -> None:
+    run = tmp_path / "shrunk"
+    job = submit(run, tokenizer_dir, sample_dataset, server, nodes="1-2")
+    wait_steps(run, 25)
+    try:
+        slurm_local("node-down", "2")
+        wait_done(job, timeout=400)
+    finally:
+        slurm_local("node-up", "2")
+    log = slurm_log(run)
+    assert re.search(r"resharding TP2 x DP2 ZeRO-(\d) -> TP2 x DP1 ZeRO-\1", log), log[-3000:]
+    assert "2 processes = tensor 2 x data 1" in log, log[-3000:]
+    records = steps(run)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    for a, b in zip(records, steps(straight), strict=True):  # DP=1 accumulates what DP=2 reduced
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=0)
+        assert a["consumed_samples"] == b["consumed_samples"]
+    assert mlflow_steps(server, run) == list(range(1, STEPS + 1))
+
+
+def test_stop_leaves_no_namespace_link_hosts_entry_or_daemon(nodes) -> None:
+    """Stops the cluster and checks; starts it again when it was running before (CI's)."""
+    slurm_local("stop")
+    try:
+        netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        assert "mlra-node" not in netns and "mlra-br0" not in links and "mlra-veth" not in links
+        assert "mlra-slurm-local" not in Path("/etc/hosts").read_text()
+        daemons = subprocess.run(["pgrep", "-a", "-f", "^(tini -s -- )?(slurmd|slurmctld|munged) "],
+                                 capture_output=True, text=True).stdout
+        assert not daemons, daemons
+    finally:
+        slurm_local("start", "--nodes", "2")
