@@ -172,8 +172,15 @@ def render(opts: SubmitOptions, cpus_on_node: int | None = None) -> str:
     if opts.account:
         resources += f"#SBATCH --account={opts.account}\n"
     env = "export CUDA_VISIBLE_DEVICES=\n" if opts.cpu else ""
+    if "-" in nodes:
+        # Slurm rewrites a started job's task count to what it got (4 tasks on 2 nodes) and keeps
+        # it on requeue, so a MIN-MAX job asking for tasks per node would wait for its first node
+        # count forever. Whole nodes, with the tasks laid out by srun, leave the range open.
+        task_lines, srun_tasks = "#SBATCH --exclusive\n", f"--ntasks-per-node={tasks} --cpus-per-task={cpus} "
+    else:
+        task_lines, srun_tasks = f"#SBATCH --ntasks-per-node={tasks}\n#SBATCH --cpus-per-task={cpus}\n", ""
     return TEMPLATE.read_text().format(
-        job_name=opts.job_name, nodes=nodes, tasks_per_node=tasks, cpus_per_task=cpus,
+        job_name=opts.job_name, nodes=nodes, task_lines=task_lines, srun_tasks=srun_tasks,
         resource_lines=resources, time=opts.time, signal_lead=opts.signal_lead_s, run_dir=run_dir,
         run_dir_q=shlex.quote(run_dir), omp_threads=cpus, env_lines=env, command=command)
 

@@ -96,3 +96,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # no
     if module is not None:
         terminalreporter.write_line(f"bad-input suite: {module.pytest_bad_input_count()} bad inputs covered "
                                     f"({len(module.BAD_INPUTS)} table rows + {len(module.EXTRA_CASES)} tests)")
+
+
+@pytest.fixture(scope="session")
+def elastic_straight(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path, sample_dataset: str) -> Path:
+    """8 uninterrupted steps at TP=2 x DP=2 ZeRO-1, dropout 0, saving asynchronously at 4 and 8,
+    under torchrun on this host: the reference of the elastic resumes and of the two-node jobs."""
+    from tests.train.test_checkpoint import overrides
+    from tests.train.test_elastic import COMMON, torchrun
+
+    straight = tmp_path_factory.mktemp("elastic-straight") / "run"
+    torchrun(4, overrides(tokenizer_dir, sample_dataset, straight, *COMMON, "parallel.tensor=2", "checkpoint.async=true"))
+    return straight

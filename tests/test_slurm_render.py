@@ -86,6 +86,11 @@ def test_tensor_parallelism_stays_within_a_node_and_nodes_may_be_a_range() -> No
     script = render(SubmitOptions(**opts, tasks_per_node=2, nodes="1-2", overrides=["parallel.tensor=2"]),
                     cpus_on_node=2)
     assert "#SBATCH --nodes=1-2\n" in script
+    # A range: whole nodes, tasks laid out by srun (a requeued job can then start on fewer nodes).
+    assert "#SBATCH --exclusive\n" in script and "#SBATCH --ntasks-per-node" not in script
+    assert "srun --kill-on-bad-exit=1 --ntasks-per-node=2 --cpus-per-task=1 " in script
+    fixed = render(SubmitOptions(**opts, tasks_per_node=2, nodes="2", overrides=["parallel.tensor=2"]), cpus_on_node=2)
+    assert "#SBATCH --ntasks-per-node=2\n#SBATCH --cpus-per-task=1\n" in fixed and "--exclusive" not in fixed
     for bad in ("0", "2-1", "1-", "two", "1-2\ntouch F"):
         with pytest.raises(ConfigError, match="--nodes: .* is not a node count"):
             render(SubmitOptions(**opts, tasks_per_node=1, nodes=bad), cpus_on_node=2)

@@ -44,13 +44,13 @@ def torchrun(nproc: int, args: list[str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def elastic_runs(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path, sample_dataset: str) -> dict:
-    """{"straight": run dir, "stopped": run dir at step 4, name: (run dir, its output) per target}."""
+def elastic_runs(elastic_straight: Path, tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path,
+                 sample_dataset: str) -> dict:
+    """{"straight": run dir, "stopped": run dir at step 4, name: (run dir, its output) per target}.
+    The uninterrupted run (tests/conftest.py, shared with the two-node tests) saves asynchronously:
+    it must train exactly like the sync ones."""
     root = tmp_path_factory.mktemp("elastic")
-    # The uninterrupted run saves asynchronously at step 4: it must train exactly like a sync one.
-    straight = root / "straight" / "run"
-    torchrun(4, overrides(tokenizer_dir, sample_dataset, straight, *COMMON, "parallel.tensor=2",
-                          "checkpoint.async=true"))
+    straight = elastic_straight
     stopped = root / "stopped" / "run"
     torchrun(4, overrides(tokenizer_dir, sample_dataset, stopped, *COMMON, "parallel.tensor=2", "train.stop_at=4"))
     out = {"straight": straight, "stopped": stopped}
