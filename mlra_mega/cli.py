@@ -2,6 +2,7 @@
 
 Commands: `quickstart` (the main job on embedded defaults), `train` (any config, any launcher),
 `export-hf` (a checkpoint to Hugging Face), `reshard` (a checkpoint to another TP x PP),
+`generate` (continue a prompt from a checkpoint or an export),
 `tokenizer train` and `preprocess` (the data
 pipeline), `config` (load, validate and print a resolved configuration).
 """
@@ -144,6 +145,28 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
     from mlra_mega.export import export_hf
 
     export_hf(args.checkpoint, args.output)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from mlra_mega.errors import ConfigError
+    from mlra_mega.generate import SamplingOptions, run
+
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise ConfigError("--prompt", "give a prompt, or --prompt-file, and not both",
+                          "add --prompt TEXT, or --prompt-file FILE (one prompt a line)")
+    if args.prompt_file is not None:
+        try:
+            prompts = [line for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("--prompt-file", f"cannot read {args.prompt_file} ({exc.__class__.__name__})",
+                              "give a UTF-8 text file, one prompt a line") from None
+        if not prompts:
+            raise ConfigError("--prompt-file", f"{args.prompt_file} holds no prompt", "write one prompt a line")
+    else:
+        prompts = [args.prompt]
+    run(args.source, prompts, SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                              top_k=args.top_k, top_p=args.top_p, seed=args.seed))
     return 0
 
 
@@ -305,6 +328,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a checkpoint, a run's checkpoints/ or a run directory")
     p.add_argument("output", metavar="OUTPUT_DIR")
     p.set_defaults(func=_cmd_export_hf)
+
+    p = sub.add_parser("generate", help="continue a prompt from a checkpoint (any layout) or a Hugging Face export")
+    p.add_argument("source", metavar="SOURCE", help="a checkpoint, a run directory, or an export-hf directory")
+    p.add_argument("--prompt", default=None, metavar="TEXT")
+    p.add_argument("--prompt-file", default=None, metavar="FILE", help="one prompt a line, each continued in turn")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="0: greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample from the K likeliest (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus: the smallest set of mass P")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
+    p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("reshard", help="a checkpoint of any layout -> one for TP x PP that resumes at any data-"
                                        "parallel size and ZeRO stage")

@@ -150,7 +150,8 @@ MinJobAge=5
 ReturnToService=2
 JobRequeue=1
 # The survivors of a node failure hang in a collective: TERM cannot stop them, KILL follows it
-# after KillWait. A dead node is marked down SlurmdTimeout after its last answer.
+# after KillWait (10 s: under 10 the survivors of a killed task are killed before they can name
+# it). A dead node is marked down SlurmdTimeout after its last answer.
 KillWait=10
 MpiDefault=none
 SlurmdTimeout=10

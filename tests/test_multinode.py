@@ -42,7 +42,7 @@ CONF = SLURM_DIR / "two-nodes" / "slurm.conf"
 LAYOUT = [*COMMON, "parallel.tensor=2"]
 STEPS = 8
 NODE1 = "10.77.0.11"
-STALL = ["faults.inject_hang_step=7", "faults.inject_hang_rank=1", "faults.inject_hang_s=8"]
+STALL = ["faults.inject_hang_step=7", "faults.inject_hang_rank=1", "faults.inject_hang_s=5"]
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("nsenter") is None,

@@ -23,7 +23,7 @@ from mlra_mega.cli import main
 from tests.train.test_checkpoint import overrides, steps
 
 REPO = Path(__file__).resolve().parent.parent
-STEPS = 300
+STEPS = 150
 SLURM_DIR = Path(os.environ.get("MLRA_SLURM_DIR", "/tmp/mlra-slurm"))
 
 pytestmark = [pytest.mark.slow,

@@ -1,7 +1,9 @@
 """Core attention through torch's scaled_dot_product_attention, in megatron's interface.
 
 Takes query / key / value as [s, b, heads, d_head] (this rank's heads) and returns
-[s, b, heads * d_head], like megatron's DotProductAttention, with the causal mask built in.
+[s, b, heads * d_head], like megatron's DotProductAttention, with the causal mask built in
+(aligned to the last key when a KV cache holds more keys than there are queries; none for a
+decoding step, which megatron marks `no_mask`).
 Attention dropout draws from the tensor-parallel RNG stream, as megatron's does, since the
 heads differ across TP ranks.
 """
@@ -39,9 +41,18 @@ class SDPAttention(MegatronModule):
         s, b, h, d = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
         p = self.dropout_p if self.training else 0.0
+        causal, mask = True, None
+        if attn_mask_type == AttnMaskType.no_mask:  # decoding with a KV cache: the new token sees all
+            causal = False
+        elif key.shape[0] != s:
+            # More keys than queries (a cached prefix): is_causal would align the mask top-left.
+            causal = False
+            offset = key.shape[0] - s
+            mask = torch.ones(s, key.shape[0], dtype=torch.bool, device=q.device).tril(diagonal=offset)
         if p > 0:
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.scale)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,
+                                                     scale=self.scale)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale)
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
