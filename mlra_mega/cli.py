@@ -2,7 +2,8 @@
 
 Commands: `quickstart` (the main job on embedded defaults), `train` (any config, any launcher),
 `export-hf` (a checkpoint to Hugging Face), `reshard` (a checkpoint to another TP x PP),
-`generate` (continue a prompt from a checkpoint or an export),
+`generate` (continue a prompt from a checkpoint or an export), `evaluate` (perplexity of a text
+file, or lm-eval tasks, from a checkpoint or an export),
 `tokenizer train` and `preprocess` (the data
 pipeline), `config` (load, validate and print a resolved configuration).
 """
@@ -167,6 +168,31 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         prompts = [args.prompt]
     run(args.source, prompts, SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                               top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from mlra_mega.errors import ConfigError
+
+    if (args.text is None) == (args.tasks is None):
+        raise ConfigError("--text", "give --text FILE or --tasks NAMES, and not both",
+                          "add --text FILE for a perplexity, or --tasks A,B for lm-eval tasks")
+    if args.text is not None:
+        if args.include_path is not None or args.limit is not None or args.output is not None:
+            raise ConfigError("--include-path", "--include-path, --limit and --output go with --tasks",
+                              "leave them out with --text")
+        from mlra_mega.evaluate import evaluate_text
+
+        evaluate_text(args.source, args.text, args.stride)
+        return 0
+    if args.stride is not None:
+        raise ConfigError("--stride", "goes with --text", "leave it out with --tasks")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError("--limit", f"must be >= 1, got {args.limit}", "give a number of documents per task")
+    from mlra_mega.evaluate import evaluate_tasks
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    evaluate_tasks(args.source, tasks, args.include_path, args.output, args.limit, track=not args.no_track)
     return 0
 
 
@@ -339,6 +365,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus: the smallest set of mass P")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("evaluate", help="perplexity of a text file, or lm-eval tasks, from a checkpoint (any "
+                                        "layout) or a Hugging Face export")
+    p.add_argument("source", metavar="SOURCE", help="a checkpoint, a run directory, or an export-hf directory")
+    p.add_argument("--text", default=None, metavar="FILE",
+                   help="a text file (a document per line) or JSON Lines: prints `perplexity N`")
+    p.add_argument("--stride", type=int, default=None, metavar="S",
+                   help="rolling windows of the sequence length every S tokens (default: the sequence length, "
+                        "the validation perplexity's windows)")
+    p.add_argument("--tasks", default=None, metavar="NAMES", help="lm-eval tasks, separated by commas")
+    p.add_argument("--include-path", default=None, metavar="DIR", help="a folder of local lm-eval task YAML files "
+                                                                     "(configs/eval_tasks has two)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="at most N documents per task")
+    p.add_argument("--output", default=None, metavar="FILE", help="the results JSON (default: stdout)")
+    p.add_argument("--no-track", action="store_true", help="do not log the results in the checkpoint's MLflow run")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("reshard", help="a checkpoint of any layout -> one for TP x PP that resumes at any data-"
                                        "parallel size and ZeRO stage")

@@ -77,6 +77,7 @@ def export_hf(checkpoint: str | Path, output_dir: str | Path, log=print) -> Path
         model, cfg, ckpt = load_checkpoint_model(checkpoint)
         check_exportable(cfg.model)
         hf = to_hf(model, cfg.model)
+        hf.config.mlra_seq_length = cfg.model.seq_length  # evaluation's window, as for the checkpoint
         tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         hf.save_pretrained(tmp)

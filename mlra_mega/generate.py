@@ -61,8 +61,10 @@ def next_token(logits: Tensor, opts: SamplingOptions, generator: torch.Generator
     return int(torch.multinomial(torch.softmax(logits, dim=0), 1, generator=generator))
 
 
-class _CheckpointLM:
-    """Our model with megatron-core's static KV cache: `feed(ids)` -> the last position's logits."""
+class MegatronLM:
+    """Our model with megatron-core's static KV cache: `feed(ids)` -> the last position's logits;
+    `logits(ids)` -> every position's, in one forward without the cache (for scoring). The model
+    may be a live TP-sharded one: every TP rank then calls in the same order."""
 
     def __init__(self, model: torch.nn.Module, context: int, vocab: int) -> None:
         from megatron.core.inference.contexts import StaticInferenceContext
@@ -80,32 +82,59 @@ class _CheckpointLM:
         self.cache.sequence_len_offset += len(ids)
         return logits[0, -1, :self.vocab]  # the padding rows of the output layer are no tokens
 
+    def logits(self, ids: list[int]) -> Tensor:
+        tokens = torch.tensor([ids], dtype=torch.long, device=_device_of(self.model))
+        positions = torch.arange(len(ids), dtype=torch.long, device=tokens.device).unsqueeze(0)
+        # Every row of the output layer, padding included: it is the softmax training computes.
+        return self.model(tokens, positions, None, runtime_gather_output=True)[0].float().cpu()
+
 
 class _HFLM:
     """A transformers causal LM with its own cache, behind the same `feed`."""
 
-    def __init__(self, model, context: int) -> None:
+    def __init__(self, model, context: int, vocab: int) -> None:
         import inspect
 
-        self.model, self.context, self.past = model, context, None
+        self.model, self.context, self.vocab, self.past = model, context, vocab, None
         # transformers 5 renamed past_key_values to cache (4.x has only the old name).
         self.key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def feed(self, ids: list[int]) -> Tensor:
         out = self.model(torch.tensor([ids], dtype=torch.long), use_cache=True, **{self.key: self.past})
         self.past = getattr(out, self.key)
-        return out.logits[0, -1]
+        return out.logits[0, -1, :self.vocab]
+
+    def logits(self, ids: list[int]) -> Tensor:
+        return self.model(torch.tensor([ids], dtype=torch.long)).logits[0].float()
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@dataclass
+class TrackedRun:
+    """The training run a checkpoint belongs to (evaluation logs into its MLflow run)."""
+
+    dir: Path
+    cfg: object  # its RunConfig
 
 
 @dataclass
 class Source:
-    """A loaded model and what generation needs of it."""
+    """A loaded model and what generation and evaluation need of it."""
 
     lm: object
     tokenizer: object
     eod: int
-    context: int
+    context: int  # the most positions the model takes
     description: str
+    seq_length: int = 0  # the training sequence length: evaluation's window (0: the context)
+    step: int = 0  # the checkpoint's step (0 for an export)
+    run: TrackedRun | None = None
+
+    def __post_init__(self) -> None:
+        self.seq_length = self.seq_length or self.context
 
 
 def load_source(source: str | Path) -> Source:
@@ -126,9 +155,11 @@ def load_source(source: str | Path) -> Source:
         model = AutoModelForCausalLM.from_pretrained(path).float().eval()
         sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
         context = int(model.config.n_positions)
-        return Source(_HFLM(model, context), sp, int(sp.eos_id()), context, f"{path} (Hugging Face)")
+        return Source(_HFLM(model, context, int(sp.get_piece_size())), sp, int(sp.eos_id()), context, f"{path} (Hugging Face)",
+                      seq_length=int(getattr(model.config, "mlra_seq_length", context)))
 
     from mlra_mega.export import load_checkpoint_model
+    from mlra_mega.train.checkpoint import read_sidecar
 
     model, cfg, ckpt = load_checkpoint_model(path)
     if not (ckpt.path / "tokenizer").is_dir():
@@ -136,8 +167,10 @@ def load_source(source: str | Path) -> Source:
                           "generate from a checkpoint written by `mlra-mega train` (it copies the tokenizer)")
     tok = load_tokenizer(ckpt.path / "tokenizer")
     context = cfg.model.max_position_embeddings or cfg.model.seq_length
-    return Source(_CheckpointLM(model, context, tok.vocab_size), tok.sp, tok.eod, context,
-                  f"{ckpt.path} ({cfg.model.attention}, {cfg.model.embedding} embedding, {cfg.model.num_layers} layers)")
+    return Source(MegatronLM(model, context, tok.vocab_size), tok.sp, tok.eod, context,
+                  f"{ckpt.path} ({cfg.model.attention}, {cfg.model.embedding} embedding, {cfg.model.num_layers} layers)",
+                  seq_length=cfg.model.seq_length, step=int(read_sidecar(ckpt)["step"]),
+                  run=TrackedRun(ckpt.root.parent, cfg))
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Union
 
 from mlra_mega.errors import ConfigError
@@ -340,6 +341,11 @@ class EvalConfig:
 
     interval: int = option(0, "validate every this many steps (0 = off)")
     iters: int = option(10, "validation global batches (0 = the whole validation split)")
+    tasks: list[str] = field(default_factory=list, metadata={
+        "help": "lm-eval tasks run on the live model during training, logged as eval/<task>/<metric>"})
+    tasks_interval: int = option(0, "run eval.tasks every this many steps (0 = at the end only)")
+    tasks_include_path: str | None = option(None, "a folder of local lm-eval task YAML files (configs/eval_tasks)")
+    tasks_limit: int | None = option(None, "at most this many documents per task (null: all)")
 
     def validate(self, prefix: str = "eval") -> None:
         if self.interval < 0:
@@ -347,6 +353,19 @@ class EvalConfig:
         if self.iters < 0:
             raise ConfigError(f"{prefix}.iters", f"must be >= 0, got {self.iters}",
                               "give the number of validation batches, or 0 for the whole split")
+        if self.tasks_interval < 0:
+            raise ConfigError(f"{prefix}.tasks_interval", f"must be >= 0, got {self.tasks_interval}",
+                              "use 0 to run eval.tasks at the end only")
+        if self.tasks_limit is not None and self.tasks_limit < 1:
+            raise ConfigError(f"{prefix}.tasks_limit", f"must be >= 1, got {self.tasks_limit}",
+                              "give a number of documents per task, or null for all")
+        if self.tasks_include_path is not None and not Path(self.tasks_include_path).is_dir():
+            raise ConfigError(f"{prefix}.tasks_include_path", f"{self.tasks_include_path} is not a directory",
+                              "give the folder of the task YAML files, e.g. configs/eval_tasks")
+        if self.tasks:
+            from mlra_mega.lm_tasks import check_lm_eval
+
+            check_lm_eval(f"{prefix}.tasks")
 
 
 @dataclass
@@ -532,6 +551,13 @@ class RunConfig:
                               f"{self.model.num_layers} layers", f"give 1 to {self.model.num_layers}")
         if self.parallel.pipeline > 1:
             check_pipeline(self)
+        if self.eval.tasks and self.parallel.sequence_parallel:
+            raise ConfigError("eval.tasks", "scores requests of any length, which sequence parallelism cannot split",
+                              "set parallel.sequence_parallel=false, or evaluate a checkpoint with "
+                              "`mlra-mega evaluate CHECKPOINT --tasks ...`")
+        if self.eval.tasks and self.eval.tasks_interval > self.train.steps:
+            raise ConfigError("eval.tasks_interval", f"{self.eval.tasks_interval} is after the last step "
+                              f"(train.steps={self.train.steps})", "choose a smaller interval, or 0 for the end only")
 
 
 def pipeline_split(num_layers: int, pipeline: int, first_last: list[int] | None) -> list[int]:
@@ -561,6 +587,10 @@ def check_pipeline(cfg: "RunConfig") -> None:
         raise ConfigError("zero.stage", f"ZeRO-{cfg.zero.stage} cannot combine with pipeline parallelism "
                           f"(parallel.pipeline={pp}): it {why}", "use zero.stage=1 with parallel.pipeline > 1")
     pipeline_split(cfg.model.num_layers, pp, cfg.parallel.pipeline_layers)
+    if cfg.eval.tasks:
+        raise ConfigError("eval.tasks", "needs the whole model's logits on each rank, which pipeline stages do not "
+                          "have", "leave eval.tasks empty with parallel.pipeline > 1 and run `mlra-mega evaluate "
+                          "CHECKPOINT --tasks ...` on a checkpoint")
     if cfg.diagnostics.grad_variance_interval:
         raise ConfigError("diagnostics.grad_variance_interval", "needs each micro-batch's gradient, which the "
                           "pipeline schedule interleaves with other micro-batches' backward",

@@ -39,7 +39,7 @@ def hf_config(cfg: ModelConfig):
     from transformers import GPT2Config
 
     return GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.max_positions, n_embd=cfg.hidden_size,
+        vocab_size=cfg.padded_vocab_size, n_positions=cfg.max_positions, n_embd=cfg.hidden_size,
         n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.ffn_size, activation_function="gelu_new",
         resid_pdrop=cfg.hidden_dropout, embd_pdrop=cfg.hidden_dropout, attn_pdrop=cfg.attention_dropout,
         layer_norm_epsilon=cfg.layernorm_eps, initializer_range=cfg.init_std, scale_attn_weights=True,
@@ -52,10 +52,10 @@ def hf_state_dict(full: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor
     check_exportable(cfg)
     if cfg.attention == "mlra":
         full = mlra_to_mha(full, cfg)
-    d, h, dh, V = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.vocab_size
+    d, h, dh = cfg.hidden_size, cfg.num_heads, cfg.head_dim
     scale = math.sqrt(d) if cfg.embedding == "scaled" else 1.0
     out = {
-        "transformer.wte.weight": full["embedding.word_embeddings.weight"][:V] * scale,
+        "transformer.wte.weight": full["embedding.word_embeddings.weight"] * scale,
         "transformer.wpe.weight": full["embedding.position_embeddings.weight"] * scale,
         "transformer.ln_f.weight": full["decoder.final_layernorm.weight"],
         "transformer.ln_f.bias": full["decoder.final_layernorm.bias"],
@@ -80,12 +80,14 @@ def hf_state_dict(full: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor
             dst + "mlp.c_proj.bias": full[src + "mlp.linear_fc2.bias"],
         })
     out["lm_head.weight"] = (out["transformer.wte.weight"] if cfg.tie_embeddings
-                             else full["output_layer.weight"][:V])
+                             else full["output_layer.weight"])
     return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
 
 
 def to_hf(model: torch.nn.Module, cfg: ModelConfig):
-    """A transformers GPT2LMHeadModel computing `model`'s function on the real vocabulary."""
+    """A transformers GPT2LMHeadModel computing `model`'s function. The padding rows of the vocabulary
+    are kept: they take part in the softmax as in our model, so probabilities (and perplexities)
+    are the same; generation never samples them (`generate` cuts the logits to the tokenizer)."""
     from transformers import GPT2LMHeadModel
 
     check_exportable(cfg)

@@ -38,6 +38,7 @@ from mlra_mega.train.rank_logs import HangDrill, RankLog, Watchdog
 from mlra_mega.train.run_lock import RunLock
 from mlra_mega.train.signals import PREEMPTED, PreemptionGuard, install_handlers, restore_handlers
 from mlra_mega.train.stability import stability_callbacks
+from mlra_mega.train.task_eval import TaskEvaluation
 from mlra_mega.train.trainer import StepMetrics, Trainer
 
 __all__ = ["validate_layout", "resolve_run_dir", "train"]
@@ -160,6 +161,9 @@ def _callbacks(cfg: RunConfig, ctx: ParallelContext, run_dir: Path, rank_log: Ra
             ConsoleLogger(cfg.train.log_interval), MetricsFile(run_dir / "metrics.jsonl"),
             RunSummary(run_dir / "summary.json"),
             PreemptionGuard(run_dir, checkpointer, cfg.checkpoint.sigterm_save_s, faults.peer_timeout_s)]
+    if cfg.eval.tasks:
+        out.append(TaskEvaluation(cfg.eval, load_tokenizer(cfg.data.tokenizer), cfg.model.seq_length,
+                                  cfg.model.vocab_size, main_log))
     if cfg.tracking.enabled:
         out.append(MLflowLogger(cfg.tracking, run_dir, params=flatten(public_dict(cfg)), runs_root=cfg.run.root,
                                 zero_stage=cfg.zero.stage))

@@ -258,7 +258,7 @@ def test_export_from_a_tp2_pp2_checkpoint(data: TrainData, tmp_path, tokenizer_d
     try:
         one, cfg, _ = load_checkpoint_model(Path(ref["mlra"]["run_dir"]))
         with torch.no_grad():
-            want = one(ids, torch.arange(ids.shape[1]).unsqueeze(0), None)[..., :cfg.model.vocab_size]
+            want = one(ids, torch.arange(ids.shape[1]).unsqueeze(0), None)
             got = hf(ids).logits
     finally:
         distributed.teardown()
