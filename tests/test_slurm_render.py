@@ -42,6 +42,7 @@ def _batch_shell(tmp_path: Path) -> tuple[Path, str]:
     (bin_dir / "srun").write_text(f"""#!/bin/bash
 echo $$ > {tmp_path}/task.pid
 trap 'echo "{{\\"signal\\": \\"USR1\\"}}" > "$RUN_DIR/PREEMPTED"; exit 0' USR1
+trap 'echo "{{\\"signal\\": \\"TERM\\"}}" > "$RUN_DIR/PREEMPTED"; exit 0' TERM
 while true; do sleep 0.05; done
 """)
     (bin_dir / "scancel").write_text(f"""#!/bin/bash
@@ -59,7 +60,10 @@ if [ "$1" = show ]; then echo localhost; else echo "scontrol $*" >> {log}; fi
     return path, str(bin_dir)
 
 
-def test_usr1_to_the_batch_shell_reaches_the_tasks_and_the_job_requeues(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", ["USR1", "TERM"])
+def test_a_signal_to_the_batch_shell_reaches_the_tasks_and_the_job_requeues(sig: str, tmp_path: Path) -> None:
+    """USR1 (`scancel --signal=USR1 --batch`, `--signal=B:USR1@300`) or SIGTERM (what Slurm sends
+    the batch shell at preemption or time-out) is forwarded to the tasks and the job requeued."""
     path, bin_dir = _batch_shell(tmp_path)
     run_dir = Path(path.read_text().split("RUN_DIR=", 1)[1].splitlines()[0].strip("'"))
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="77",
@@ -69,12 +73,12 @@ def test_usr1_to_the_batch_shell_reaches_the_tasks_and_the_job_requeues(tmp_path
     while not (tmp_path / "task.pid").is_file():  # the task is up: a state, not a sleep
         assert time.monotonic() < deadline and shell.poll() is None, shell.stdout.read()
         time.sleep(0.02)
-    shell.send_signal(signal.SIGUSR1)  # what `scancel --signal=USR1 --batch` or --signal=B:USR1 does
+    shell.send_signal(getattr(signal, f"SIG{sig}"))
     out, _ = shell.communicate(timeout=30)
     calls = (tmp_path / "calls.log").read_text().splitlines()
     assert shell.returncode == 0, out
-    assert calls == ["scancel --signal=USR1 77", "scontrol requeue 77"], (calls, out)
-    assert "USR1 at" in out and "forwarded to the tasks" in out and "requeueing" in out
+    assert calls == [f"scancel --signal={sig} 77", "scontrol requeue 77"], (calls, out)
+    assert f"{sig} at" in out and "forwarded to the tasks" in out and "requeueing" in out
 
 
 def test_tensor_parallelism_stays_within_a_node_and_nodes_may_be_a_range() -> None:

@@ -116,3 +116,22 @@ def test_a_variant_has_one_colour_in_every_panel(tmp_path: Path, monkeypatch: py
     write_run(tmp_path / "runs", "mlra", 4, 1e-3, 0, 90.0, 0.01)
     study_plots(load_runs(tmp_path / "runs"), tmp_path / "plots")
     assert drawn == {("mlra", "C0"), ("vanilla", "C1")}
+
+
+def test_the_archived_members_give_the_committed_tables(tmp_path: Path) -> None:
+    """docs/results/paper-depth-cpu/tables.md is what the scripts make of the archived members."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    results = repo / "docs" / "results" / "paper-depth-cpu"
+    sweep = tmp_path / "cpu-study"
+    for argv in (["paper_study_archive.py", "restore", str(results / "members"), str(sweep)],
+                 ["paper_study_report.py", str(sweep), "--out", str(tmp_path / "tables.md")]):
+        proc = subprocess.run([sys.executable, str(repo / "scripts" / argv[0]), *argv[1:]], capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    made = (tmp_path / "tables.md").read_text().splitlines()
+    committed = (results / "tables.md").read_text().splitlines()
+    assert made[0].startswith("36 finished runs of ") and "(0 unfinished left out)" in made[0]
+    assert made[1:] == committed[1:]  # the first line names the sweep directory

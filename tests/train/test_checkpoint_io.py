@@ -64,3 +64,51 @@ def test_async_snapshots_reuse_their_buffers_only_once_the_write_is_done(tmp_pat
         saved = safe_load(str(tmp_path / step / "model.pt"))
         assert torch.equal(saved["w"], torch.arange(6.0) + offset), step
         assert torch.equal(saved["moments"][0], torch.full((2, 2), float(scale))) and saved["step"] == 1
+
+
+def test_a_preemption_waits_for_the_pending_async_save_before_its_own(tmp_path: Path, monkeypatch,
+                                                                      tokenizer_dir: Path, sample_dataset: str) -> None:
+    """SIGUSR1 while step 2's background save is still writing (each of its files held 1 s): the
+    preemption's save of step 3 starts only once every file of step 2 is on disk, both checkpoints
+    are complete, and `latest` is the preemption's."""
+    import os
+    import signal
+    import time
+
+    from mlra_mega.config import load_config
+    from mlra_mega.train.callbacks import Callback
+    from mlra_mega.train.checkpoint import find_checkpoint
+    from mlra_mega.train.run import train
+    from mlra_mega.train.signals import PREEMPTED
+    from tests.train.test_checkpoint import overrides
+
+    events: list[tuple[str, float, str]] = []
+    write = CheckpointFiles._write
+
+    def slow_write(data, path, kill=False):
+        background = threading.current_thread().name == "checkpoint-writer"
+        events.append(("begin", time.monotonic(), str(path)))
+        if background:
+            time.sleep(1.0)
+        write(data, path, kill)
+        events.append(("end", time.monotonic(), str(path)))
+
+    monkeypatch.setattr(CheckpointFiles, "_write", staticmethod(slow_write))
+
+    class Preempt(Callback):
+        def on_step_start(self, trainer) -> None:
+            if trainer.step == 3:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    run = tmp_path / "run"
+    cfg = load_config(None, overrides(tokenizer_dir, sample_dataset, run, "tracking.enabled=false", "train.steps=6",
+                                      "checkpoint.interval=2", "checkpoint.async=true", "checkpoint.keep=5"))
+    train(cfg, callbacks=[Preempt()], log=lambda s: None)
+    assert json.loads((run / PREEMPTED).read_text())["step"] == 3
+    step2 = [t for kind, t, p in events if "step00000002" in p]
+    step3 = [t for kind, t, p in events if kind == "begin" and "step00000003" in p]
+    assert step2 and step3 and max(step2) < min(step3), "the preemption's save began before step 2's was written"
+    for tag in ("step00000002", "step00000003"):
+        assert (run / "checkpoints" / tag / MANIFEST).is_file(), tag
+    assert find_checkpoint(run / "checkpoints").tag == "step00000003"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step00000003"
