@@ -90,6 +90,28 @@ def test_a_payload_is_refused_at_export(file: str | None, stopped_run: Path, tmp
     assert not (tmp_path / "hf").exists()
 
 
+@pytest.mark.parametrize("how,file", [("reshard", None), ("reshard", "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+                                      ("resume at ZeRO-2", "zero_pp_rank_0_mp_rank_00_optim_states.pt")],
+                         ids=["reshard-every-file", "reshard-optim-states", "resume-on-another-layout"])
+def test_a_payload_is_refused_when_resharding(how: str, file: str | None, stopped_run: Path, tmp_path: Path,
+                                              tokenizer_dir: Path, sample_dataset: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Resharding reads DeepSpeed's files itself (`elastic.read_state`): through the safe loader too."""
+    run, marker = poisoned_copy(stopped_run, tmp_path, *([file] if file else []))
+    if how == "reshard":
+        status = main(["reshard", str(run), str(tmp_path / "out"), "--tensor", "2"])
+    else:
+        status = main(tiny_train_argv(tokenizer_dir, sample_dataset, run, "train.steps=4", "checkpoint.interval=1",
+                                      "checkpoint.keep=3", "zero.stage=2"))
+    out, err = capsys.readouterr()
+    assert not marker.exists(), "the payload ran"
+    assert status == 2 and "more than tensors and plain data" in err and "Traceback" not in err, err[-3000:]
+    if how != "reshard":
+        assert "resharding TP1 x DP1 ZeRO-1 -> TP1 x DP1 ZeRO-2" in out + err, (out + err)[-3000:]
+    else:
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.pt"))
+
+
 def test_deepspeed_still_loads_unsafely_without_the_shim() -> None:
     """Canary: once DeepSpeed's engine loads weights-only itself, `CheckpointFiles.load` need not route reads."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
