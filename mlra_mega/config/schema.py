@@ -89,6 +89,8 @@ class ModelConfig:
     attention_backend: Literal["auto", "local", "sdpa", "te"] = option(
         "auto", "auto, local (megatron's), sdpa (torch) or te (Transformer Engine)")
     fusions: Literal["auto", "off"] = option("auto", "auto: megatron's fused kernels where available; off: none")
+    init_from: str | None = option(None, "start from Hugging Face GPT-2 weights: a directory with config.json and "
+                                         "safetensors (MLRA: each head's truncated SVD)")
 
     @property
     def head_dim(self) -> int:
@@ -116,6 +118,9 @@ class ModelConfig:
 
     def validate(self, prefix: str = "model") -> None:
         check_choices(self, prefix)
+        if self.init_from is not None and not (Path(self.init_from) / "config.json").is_file():
+            raise ConfigError(f"{prefix}.init_from", f"{self.init_from} is not a Hugging Face model directory "
+                              "(no config.json)", "give a directory saved by transformers' save_pretrained")
         for name in ("num_layers", "hidden_size", "num_heads", "vocab_multiple", "seq_length"):
             _require_positive(f"{prefix}.{name}", getattr(self, name))
         for name in ("ffn_hidden_size", "vocab_size", "max_position_embeddings"):

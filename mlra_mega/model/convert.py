@@ -16,7 +16,7 @@ from torch import Tensor
 from mlra_mega.config import ModelConfig
 
 __all__ = ["partition_dims", "shard_state_dict", "merge_shards", "load_shard", "gather_full",
-           "full_state_dict", "mlra_to_mha"]
+           "full_state_dict", "mha_to_mlra", "mlra_to_mha"]
 
 
 def partition_dims(model: torch.nn.Module) -> dict[str, int | None]:
@@ -123,3 +123,67 @@ def mlra_to_mha(full: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
             out[pre + "linear_proj.weight"] = full[pre + "linear_proj.weight"]
             out[pre + "linear_proj.bias"] = full[pre + "linear_proj.bias"]
     return out
+
+
+def _low_rank(w: Tensor, r: int) -> tuple[Tensor, Tensor, float]:
+    """(L [m, r], R [r, n], discarded squared singular values) with L R the best rank-r w [m, n]."""
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    k = min(r, s.numel())
+    root = s[:k].sqrt()
+    left = torch.zeros(w.shape[0], r, dtype=torch.float64)
+    right = torch.zeros(r, w.shape[1], dtype=torch.float64)
+    left[:, :k], right[:k] = u[:, :k] * root, root[:, None] * vh[:k]
+    return left.float(), right.float(), float((s[k:] ** 2).sum())
+
+
+def mha_to_mlra(full: dict[str, Tensor], cfg: ModelConfig) -> tuple[dict[str, Tensor], list[float]]:
+    """The MLRA state dict closest to an MHA one: each head's factorized projection W_h replaced by
+    its truncated SVD at rank r (exact at r >= its rank, e.g. r = d_head), and the relative
+    reconstruction error ||W - A B|| / ||W|| of each layer's factorized projections together.
+
+    Input: a full MHA state dict (megatron's QKV layout); output: the state dict of `cfg`
+    (`attention = "mlra"`), the inverse of `mlra_to_mha` where that is exact.
+    """
+    h, dh, d, r = cfg.num_heads, cfg.head_dim, cfg.hidden_size, cfg.mlra_rank
+    factorized = [p for p in ("q", "k", "v") if p in cfg.mlra.factorize]
+    full_proj = [p for p in ("q", "k", "v") if p not in cfg.mlra.factorize]
+    prefixes = sorted({k.rsplit("self_attention.", 1)[0] + "self_attention." for k in full if "self_attention." in k},
+                      key=lambda p: int(p.split("layers.")[1].split(".")[0]) if "layers." in p else -1)
+    out = {k: v for k, v in full.items() if "self_attention." not in k}
+    errors = []
+    for pre in prefixes:
+        w = full[pre + "linear_qkv.weight"].view(h, 3, dh, d)
+        bias = full[pre + "linear_qkv.bias"].view(h, 3, dh)
+        lost, total = 0.0, 0.0
+        if factorized:
+            a = torch.zeros(h, len(factorized), r, d)
+            for i, p in enumerate(factorized):
+                j = "qkv".index(p)
+                b = torch.zeros(h, r, dh)
+                for head in range(h):
+                    left, right, gone = _low_rank(w[head, j], r)        # W_h [dh, d] = left [dh, r] right [r, d]
+                    b[head], a[head, i] = left.t(), right
+                    lost, total = lost + gone, total + float(w[head, j].double().pow(2).sum())
+                out[pre + f"linear_b_{p}.weight"] = b
+                out[pre + f"linear_b_{p}.bias"] = bias[:, j].clone()
+            out[pre + "linear_a.weight"] = a.reshape(h * len(factorized) * r, d)
+        if full_proj:
+            idx = ["qkv".index(p) for p in full_proj]
+            out[pre + "linear_qkv.weight"] = w[:, idx].reshape(h * len(full_proj) * dh, d).clone()
+            out[pre + "linear_qkv.bias"] = bias[:, idx].reshape(h * len(full_proj) * dh).clone()
+        w_o = full[pre + "linear_proj.weight"]
+        if "o" in cfg.mlra.factorize:
+            per_head = w_o.view(d, h, dh)
+            a_o, b_o = torch.zeros(h, dh, r), torch.zeros(d, h, r)
+            for head in range(h):
+                left, right, gone = _low_rank(per_head[:, head], r)     # W_o^h [d, dh] = left [d, r] right [r, dh]
+                b_o[:, head], a_o[head] = left, right.t()
+                lost, total = lost + gone, total + float(per_head[:, head].double().pow(2).sum())
+            out[pre + "linear_proj.linear_a.weight"] = a_o
+            out[pre + "linear_proj.linear_b.weight"] = b_o.reshape(d, h * r)
+            out[pre + "linear_proj.linear_b.bias"] = full[pre + "linear_proj.bias"].clone()
+        else:
+            out[pre + "linear_proj.weight"] = w_o.clone()
+            out[pre + "linear_proj.bias"] = full[pre + "linear_proj.bias"].clone()
+        errors.append((lost / total) ** 0.5 if total else 0.0)
+    return out, errors

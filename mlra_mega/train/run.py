@@ -28,6 +28,7 @@ from mlra_mega.distributed import ParallelContext, launch_env
 from mlra_mega.errors import MlraMegaError, PeerLost
 from mlra_mega.files import atomic_write_text
 from mlra_mega.model.build import build_model, recompute_settings
+from mlra_mega.model.hf_import import load_hf_weights
 from mlra_mega.tracking.mlflow import MLflowLogger, check_tracking_store, tracking_uri
 from mlra_mega.train.callbacks import CONFIG_CHANGES, Callback, ConsoleLogger, MetricsFile, RunSummary
 from mlra_mega.train.checkpoint import Checkpointer
@@ -235,6 +236,9 @@ def _train(cfg: RunConfig, callbacks: Sequence[Callback], log: Callable[[str], N
                             recompute=recompute_settings(cfg.train.recompute, cfg.train.recompute_method,
                                                          cfg.train.recompute_num_layers),
                             pipeline_layers=cfg.parallel.pipeline_layers)
+        if cfg.model.init_from is not None:  # before the engine copies the weights into its fp32 partitions
+            load_hf_weights(model, cfg.model.init_from, cfg.model, ctx.tp_size, ctx.tp_rank,
+                            log=log if ctx.is_main else lambda s: None)
         engine, ds_cfg = build_engine(model.to(ctx.device), ctx, cfg.train, cfg.optim, cfg.zero)
         run_dir = resolve_run_dir(cfg, ctx)
         lock = _lock_run_dir(cfg, ctx, run_dir, log)

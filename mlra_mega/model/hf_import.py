@@ -1,0 +1,160 @@
+"""`model.init_from`: start a model from Hugging Face GPT-2 weights (continued pre-training).
+
+The directory is read from safetensors only (`model.safetensors`, or the shards its index names):
+no pickle is ever loaded. Its config must describe the model config's shape (layers, width,
+heads, MLP width, positions, vocabulary, tied head, activation); any difference is one line naming
+both values. The GPT-2 tensors map back onto our full (PP = 1, TP = 1) state dict, the inverse of
+`model.hf.hf_state_dict`: MHA loads exactly; an MLRA model gets each head's factors from a
+truncated SVD of that head's projection at rank r (`convert.mha_to_mlra`), exact at r = d_head,
+with the relative reconstruction error of every layer returned for the log. Rows of a padded
+vocabulary that the directory lacks start as the mean of the real rows (a zero row would give
+padding ids a logit far above a trained model's, which are strongly negative on average). Each
+rank then copies the part of every tensor it holds: its TP shard of its pipeline stage's layers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mlra_mega.config import ModelConfig
+from mlra_mega.errors import ConfigError
+
+__all__ = ["load_hf_weights", "read_hf_gpt2", "init_from_hf"]
+
+FIELD = "model.init_from"
+
+
+def read_hf_gpt2(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
+    """(config.json, tensors) of a Hugging Face GPT-2 directory, through safetensors."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(FIELD, f"{path} has no config.json", "give a directory saved by transformers' save_pretrained")
+    config = json.loads((path / "config.json").read_text())
+    if config.get("model_type") != "gpt2":
+        raise ConfigError(FIELD, f"{path} holds a {config.get('model_type')!r} model", "give a GPT-2 directory")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        pickles = sorted(p.name for p in path.glob("*.bin"))
+        raise ConfigError(FIELD, f"{path} has no safetensors weights" + (f" (only {pickles[0]}, a pickle)" if pickles else ""),
+                          "save it with save_pretrained(..., safe_serialization=True); pickled weights are never loaded")
+    tensors: dict[str, Tensor] = {}
+    for name in files:
+        tensors.update(load_file(str(path / name)))
+    # Some savers keep the "transformer." prefix, others drop it; lm_head may be left out when tied.
+    return config, {(k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): v
+                    for k, v in tensors.items()}
+
+
+def _check_shape(config: dict, cfg: ModelConfig) -> None:
+    want = {"n_layer": (cfg.num_layers, "model.num_layers"), "n_embd": (cfg.hidden_size, "model.hidden_size"),
+            "n_head": (cfg.num_heads, "model.num_heads"),
+            "n_inner": (cfg.ffn_size, "model.ffn_hidden_size"),
+            "tie_word_embeddings": (cfg.tie_embeddings, "model.tie_embeddings")}
+    have = dict(config)
+    if have.get("n_inner") is None:
+        have["n_inner"] = 4 * have.get("n_embd", 0)
+    have.setdefault("tie_word_embeddings", True)
+    for key, (ours, field) in want.items():
+        if have.get(key) != ours:
+            raise ConfigError(field, f"is {ours}, but the {FIELD} model has {key}={have.get(key)}",
+                              f"set {field}={have.get(key)} to start from these weights")
+    if have.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ConfigError(FIELD, f"activation {have['activation_function']!r}; our MLP is GELU (tanh)",
+                          "start from a GPT-2 with activation_function gelu_new")
+    vocab = have.get("vocab_size")
+    if vocab not in (cfg.vocab_size, cfg.padded_vocab_size):
+        raise ConfigError("model.vocab_size", f"the {FIELD} model's vocabulary is {vocab}, ours is {cfg.vocab_size} "
+                          f"(padded {cfg.padded_vocab_size})",
+                          "train with the tokenizer those weights were trained with (data.tokenizer)")
+    if have.get("n_positions", 0) < cfg.max_positions:
+        raise ConfigError("model.seq_length", f"needs {cfg.max_positions} positions, the {FIELD} model has "
+                          f"{have.get('n_positions')}", f"set model.seq_length <= {have.get('n_positions')}")
+
+
+def _pad_rows(t: Tensor, rows: int) -> Tensor:
+    if t.shape[0] == rows:
+        return t
+    return torch.cat([t, t.mean(dim=0, keepdim=True).expand(rows - t.shape[0], -1)])
+
+
+def init_from_hf(path: str | Path, cfg: ModelConfig) -> tuple[dict[str, Tensor], list[float]]:
+    """(our full PP = 1 state dict for `cfg`, relative SVD error per layer: empty for MHA)."""
+    from mlra_mega.model.convert import mha_to_mlra
+
+    if cfg.embedding == "scaled" and cfg.tie_embeddings:
+        raise ConfigError("model.embedding", "Scaled Embed with tied embeddings cannot start from GPT-2 weights: "
+                          "dividing the shared matrix by sqrt(d) would also scale the logits",
+                          "use model.tie_embeddings=false with Scaled Embed")
+    config, hf = read_hf_gpt2(path)
+    _check_shape(config, cfg)
+    d, h, dh, rows = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.padded_vocab_size
+    scale = math.sqrt(d) if cfg.embedding == "scaled" else 1.0
+    t = {k: v.float() for k, v in hf.items()}
+    full = {
+        "embedding.word_embeddings.weight": _pad_rows(t["transformer.wte.weight"] / scale, rows),
+        "embedding.position_embeddings.weight": t["transformer.wpe.weight"][:cfg.max_positions] / scale,
+        "decoder.final_layernorm.weight": t["transformer.ln_f.weight"],
+        "decoder.final_layernorm.bias": t["transformer.ln_f.bias"],
+    }
+    if not cfg.tie_embeddings:
+        full["output_layer.weight"] = _pad_rows(t["lm_head.weight"], rows)
+    for i in range(cfg.num_layers):
+        src, dst = f"transformer.h.{i}.", f"decoder.layers.{i}."
+        # GPT-2's Conv1D [in, out] with all q, all k, all v -> megatron's rows head by head (q_h, k_h, v_h).
+        qkv_w = t[src + "attn.c_attn.weight"].t().reshape(3, h, dh, d).transpose(0, 1).reshape(3 * d, d)
+        qkv_b = t[src + "attn.c_attn.bias"].reshape(3, h, dh).transpose(0, 1).reshape(3 * d)
+        full.update({
+            dst + "input_layernorm.weight": t[src + "ln_1.weight"],
+            dst + "input_layernorm.bias": t[src + "ln_1.bias"],
+            dst + "self_attention.linear_qkv.weight": qkv_w,
+            dst + "self_attention.linear_qkv.bias": qkv_b,
+            dst + "self_attention.linear_proj.weight": t[src + "attn.c_proj.weight"].t(),
+            dst + "self_attention.linear_proj.bias": t[src + "attn.c_proj.bias"],
+            dst + "pre_mlp_layernorm.weight": t[src + "ln_2.weight"],
+            dst + "pre_mlp_layernorm.bias": t[src + "ln_2.bias"],
+            dst + "mlp.linear_fc1.weight": t[src + "mlp.c_fc.weight"].t(),
+            dst + "mlp.linear_fc1.bias": t[src + "mlp.c_fc.bias"],
+            dst + "mlp.linear_fc2.weight": t[src + "mlp.c_proj.weight"].t(),
+            dst + "mlp.linear_fc2.bias": t[src + "mlp.c_proj.bias"],
+        })
+    errors: list[float] = []
+    if cfg.attention == "mlra":
+        full, errors = mha_to_mlra(full, cfg)
+    return {k: v.contiguous() for k, v in full.items()}, errors
+
+
+def load_hf_weights(model: torch.nn.Module, path: str | Path, cfg: ModelConfig, tp_size: int, tp_rank: int,
+                    log=print) -> None:
+    """Copies the directory's weights into this rank's part of `model` (any TP, any PP stage)."""
+    from mlra_mega.model.convert import load_shard, partition_dims, shard_state_dict
+    from mlra_mega.model.pipeline import global_name, is_tied_copy, layer_offset
+
+    full, errors = init_from_hf(path, cfg)
+    offset = layer_offset(model)
+    local = {}
+    for name, _ in model.named_parameters():
+        key = global_name(name, offset, is_tied_copy(model, name))
+        if key not in full:  # what GPT-2 has no counterpart of (Embed LN's norm) keeps its fresh init
+            continue
+        local[name] = full[key]
+    kept = sorted(set(dict(model.named_parameters())) - set(local))
+    dims = {k: v for k, v in partition_dims(model).items() if k in local}
+    shard = shard_state_dict(local, dims, tp_size, tp_rank)
+    fresh = dict(model.named_parameters())
+    load_shard(model, {**{k: fresh[k].detach() for k in kept}, **shard})
+    log(f"[init] weights from {path} (Hugging Face GPT-2)" + (f"; kept fresh: {', '.join(kept)}" if kept else ""))
+    if errors:
+        worst = max(errors)
+        log(f"[init] MLRA rank {cfg.mlra_rank} from each head's truncated SVD: relative reconstruction error per "
+            f"layer {', '.join(f'{e:.3g}' for e in errors)} (max {worst:.3g})")
