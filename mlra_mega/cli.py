@@ -395,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tokenizer", help="sentencepiece tokenizers")
     tok = p.add_subparsers(dest="tokenizer_command", required=True)
     t = tok.add_parser("train", help="train a sentencepiece model (byte fallback, end-of-document token)")
-    t.add_argument("--input", nargs="+", required=True, metavar="FILE", help="text or JSON Lines, optionally .gz")
+    t.add_argument("--input", nargs="+", required=True, metavar="FILE", help="text or JSON Lines (optionally .gz / .zst), parquet, or a datasets save_to_disk directory")
     t.add_argument("--vocab-size", type=int, required=True)
     t.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
     t.add_argument("--output", required=True, metavar="DIR")
@@ -404,16 +404,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample lines when the input is larger (default 200 MB)")
     t.add_argument("--max-sentence-length", type=int, default=4192,
                    help="longer lines are cut at whitespace to fit (sentencepiece drops them otherwise)")
-    t.add_argument("--json-key", default="text")
+    t.add_argument("--json-key", default="text", help="the text's key (JSON Lines) or column (parquet, datasets)")
     t.add_argument("--threads", type=int, default=None, help="sentencepiece trainer threads (default 1)")
     t.set_defaults(func=_cmd_tokenizer_train)
 
     p = sub.add_parser("preprocess", help="text / JSON Lines -> megatron-core indexed dataset")
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="text or JSON Lines, optionally .gz")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="text or JSON Lines (optionally .gz / .zst), parquet, or a datasets save_to_disk directory")
     p.add_argument("--tokenizer", required=True, metavar="MODEL", help="tokenizer directory or its tokenizer.model")
     p.add_argument("--output-prefix", required=True, metavar="PREFIX")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--json-key", default="text")
+    p.add_argument("--json-key", default="text", help="the text's key (JSON Lines) or column (parquet, datasets)")
     p.add_argument("--doc-boundary", choices=["line", "blank-line"], default="line",
                    help="plain text: a document per line, or per blank-line-separated block")
     p.add_argument("--invalid-utf8", choices=["replace", "skip"], default="replace")

@@ -16,8 +16,8 @@ export DS_BUILD_OPS=0
 
 echo "[setup] torch 2.13.0 (CPU) ..."
 "$py" -m pip install -q "torch==2.13.0"
-echo "[setup] mlra_mega with dev, hf and eval extras (DeepSpeed builds from source, about 80 s the first time) ..."
-"$py" -m pip install -q -e "$here[dev,hf,eval]"
+echo "[setup] mlra_mega with dev, hf, eval and data extras (DeepSpeed builds from source, about 80 s the first time) ..."
+"$py" -m pip install -q -e "$here[dev,hf,eval,data]"
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
 "$py" - <<'PY'
 import torch

@@ -42,7 +42,8 @@ def default_cache_dir() -> Path:
 
 
 def check_dataset_cards(prefixes: list[str], tokenizer: Tokenizer) -> None:
-    """Each dataset exists and was made by this tokenizer (by its card), else a DataError."""
+    """Each dataset exists and was made by this tokenizer (by its card), else a DataError. A prefix
+    without a card (made by Megatron-LM's preprocessing) gets the file checks and a token-id check."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     for prefix in prefixes:
@@ -51,8 +52,11 @@ def check_dataset_cards(prefixes: list[str], tokenizer: Tokenizer) -> None:
                             "(fix: run `mlra-mega preprocess` with --output-prefix " + prefix + ")")
         card_path = dataset_card_path(prefix)
         if not card_path.is_file():
-            raise DataError(f"data.paths: {prefix} has no card {card_path} naming its tokenizer "
-                            "(fix: re-run `mlra-mega preprocess` for it)")
+            # A prefix made elsewhere (Megatron-LM's preprocess_data.py): its tokens are taken as made by
+            # data.tokenizer, which the run names explicitly; its files are still checked.
+            check_dataset_files(prefix, {})
+            check_token_ids(prefix, tokenizer.vocab_size)
+            continue
         card = _read_card(card_path)
         made_by = card["tokenizer"]
         check_dataset_files(prefix, card)
@@ -106,6 +110,25 @@ def check_dataset_files(prefix: str, card: dict[str, Any]) -> None:
     if bin_bytes != tokens * itemsize:
         raise DataError(f"data.paths: {prefix}.bin has {bin_bytes} bytes, its .idx describes {tokens} tokens of "
                         f"{dtype} = {tokens * itemsize} bytes {fix}")
+
+
+def check_token_ids(prefix: str, vocab_size: int, limit: int = 1 << 26) -> None:
+    """Every token id of a card-less dataset (its first `limit` tokens) is inside the vocabulary:
+    ids from another tokenizer are a DataError here, not an index error inside the embedding."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    indexed = IndexedDataset(prefix)
+    try:
+        dtype = np.dtype(indexed.index.dtype)
+    finally:
+        del indexed
+    size = Path(f"{prefix}.bin").stat().st_size // dtype.itemsize
+    tokens = np.memmap(f"{prefix}.bin", dtype=dtype, mode="r", shape=(size,))
+    highest = int(tokens[:limit].max()) if size else -1
+    if highest >= vocab_size:
+        raise DataError(f"data.paths: {prefix} holds token id {highest}, outside data.tokenizer's vocabulary of "
+                        f"{vocab_size} (it has no card, so its tokenizer is taken to be data.tokenizer) (fix: set "
+                        "data.tokenizer to the tokenizer that made it)")
 
 
 @dataclass

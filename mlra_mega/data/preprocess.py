@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from mlra_mega.data.documents import ReadOptions, ReadStats, input_bytes, iter_documents
+from mlra_mega.data.documents import ReadOptions, ReadStats, input_bytes, is_input, iter_documents
 from mlra_mega.data.tokenizer import Tokenizer, load_tokenizer
 from mlra_mega.errors import DataError
 
@@ -165,8 +165,9 @@ def preprocess(inputs: list[str | Path], tokenizer_path: str | Path, output_pref
 
     paths = [Path(p) for p in inputs]
     for p in paths:
-        if not p.is_file():
-            raise DataError(f"{p}: input file not found (fix: check the --input paths)")
+        if not is_input(p):
+            raise DataError(f"{p}: input file not found (fix: check the --input paths; a directory must be "
+                            "one saved by datasets' save_to_disk)")
     if workers < 1:
         raise DataError(f"--workers {workers}: must be >= 1 (fix: pass --workers 1 or more)")
     tokenizer = load_tokenizer(tokenizer_path)

@@ -21,6 +21,18 @@ from tests.dist import dist_case, dist_result
 SEQ = 32
 
 
+def distributed_teardown() -> None:
+    from mlra_mega import distributed
+
+    distributed.teardown()
+
+
+def distributed_setup() -> None:
+    from mlra_mega import distributed
+
+    distributed.setup(ParallelConfig(tensor=1), seed=1)
+
+
 @pytest.fixture
 def dist1() -> Iterator[None]:
     from mlra_mega import distributed
@@ -116,17 +128,42 @@ def test_another_tokenizers_dataset_is_refused_with_both(dist1: None, tmp_path: 
         build_datasets(data_cfg(prefixes, tmp_path), SEQ, load_tokenizer(other), seed=3)
 
 
+def test_a_cardless_megatron_prefix_is_used_as_it_is(dist1: None, tmp_path: Path, prefixes: list[str],
+                                                     tokenizer_dir: Path, corpus_jsonl: Path) -> None:
+    """A prefix with .bin / .idx only (as Megatron-LM's preprocess_data.py writes `..._text_document`):
+    the same samples as with its card; a cut .bin and ids outside data.tokenizer's vocabulary are refused."""
+    tok = load_tokenizer(tokenizer_dir)
+    cardless = tmp_path / "corpus_text_document"
+    for ext in (".bin", ".idx"):
+        shutil.copy(prefixes[0] + ext, str(cardless) + ext)
+    carded = build_datasets(data_cfg(prefixes, tmp_path), SEQ, tok, seed=3).train
+    plain = build_datasets(DataConfig(paths=[str(cardless)], cache_dir=str(tmp_path / "cache2")), SEQ, tok, seed=3).train
+    assert len(plain) == len(carded) and all(torch.equal(plain[i]["tokens"], carded[i]["tokens"]) for i in range(20))
+    from mlra_mega.config import load_config
+    from mlra_mega.train.run import train
+    from tests.train.test_checkpoint import overrides
+
+    distributed_teardown()  # train() sets up its own process group
+    history, _ = train(load_config(None, overrides(tokenizer_dir, str(cardless), tmp_path / "run", "train.steps=2",
+                                                   "tracking.enabled=false")), log=lambda s: None)
+    assert [m.step for m in history] == [1, 2]
+    distributed_setup()
+    small = tmp_path / "small-tok"
+    train_tokenizer([corpus_jsonl], 400, small, log=lambda s: None)
+    with pytest.raises(DataError, match=r"holds token id 5\d\d, outside data.tokenizer's vocabulary of 400"):
+        build_datasets(DataConfig(paths=[str(cardless)]), SEQ, load_tokenizer(small), seed=3)
+    data = Path(f"{cardless}.bin").read_bytes()
+    Path(f"{cardless}.bin").write_bytes(data[:-10])
+    with pytest.raises(DataError, match=r"corpus_text_document.bin has \d+ bytes, its .idx describes"):
+        build_datasets(DataConfig(paths=[str(cardless)]), SEQ, tok, seed=3)
+
+
 def test_bad_setups_are_clear_errors(dist1: None, tmp_path: Path, prefixes: list[str], tokenizer_dir: Path) -> None:
     tok = load_tokenizer(tokenizer_dir)
     with pytest.raises(DataError, match="cannot serve sequences of 500000 tokens"):
         build_datasets(data_cfg(prefixes, tmp_path), 500_000, tok, seed=3)
     with pytest.raises(DataError, match="no dataset at"):
         build_datasets(DataConfig(paths=[str(tmp_path / "nope")]), SEQ, tok, seed=3)
-    cardless = tmp_path / "cardless"
-    for ext in (".bin", ".idx"):
-        shutil.copy(prefixes[0] + ext, str(cardless) + ext)
-    with pytest.raises(DataError, match="has no card"):
-        build_datasets(DataConfig(paths=[str(cardless)]), SEQ, tok, seed=3)
     with pytest.raises(ConfigError, match="data.paths: is empty"):
         build_datasets(DataConfig(), SEQ, tok, seed=3)
     with pytest.raises(ConfigError, match="data.split"):

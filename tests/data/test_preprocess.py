@@ -151,3 +151,39 @@ def test_cli_preprocess(tmp_path: Path, corpus_jsonl: Path, tokenizer_dir: Path,
     assert main(["preprocess", "--input", str(corpus_jsonl), "--tokenizer", str(tmp_path),
                  "--output-prefix", str(tmp_path / "d")]) == 2
     assert "no tokenizer here" in capsys.readouterr().err
+
+
+def test_parquet_saved_datasets_and_zstd_give_the_dataset_of_the_same_jsonl(tmp_path: Path, corpus_docs: list[str],
+                                                                           tokenizer_dir: Path) -> None:
+    """The same documents as JSON Lines, .jsonl.zst, parquet (text in another column) and a
+    `datasets` save_to_disk directory (a Dataset, and a DatasetDict of one split): the same bytes."""
+    datasets = pytest.importorskip("datasets")
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    zstandard = pytest.importorskip("zstandard")
+    docs = corpus_docs[:300]
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (tmp_path / "docs.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl.read_bytes()))
+    pq.write_table(pa.table({"id": list(range(len(docs))), "content": docs}), tmp_path / "docs.parquet",
+                   row_group_size=64)
+    saved = datasets.Dataset.from_dict({"content": docs})
+    saved.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": saved}).save_to_disk(str(tmp_path / "saved_dict"))
+    preprocess([jsonl], tokenizer_dir, tmp_path / "ref", progress=quiet_progress())
+    want = {ext: (tmp_path / f"ref{ext}").read_bytes() for ext in (".bin", ".idx")}
+    for name, key in (("docs.jsonl.zst", "text"), ("docs.parquet", "content"), ("saved", "content"),
+                      ("saved_dict", "content")):
+        out = tmp_path / f"out-{name.replace('.', '-')}"
+        summary = preprocess([tmp_path / name], tokenizer_dir, out, options=ReadOptions(json_key=key),
+                             progress=quiet_progress())
+        assert summary.documents == len(docs), name
+        assert {ext: Path(f"{out}{ext}").read_bytes() for ext in (".bin", ".idx")} == want, name
+    with pytest.raises(DataError, match="no column 'text' .*columns: id, content.*--json-key"):
+        preprocess([tmp_path / "docs.parquet"], tokenizer_dir, tmp_path / "bad", progress=quiet_progress())
+    datasets.DatasetDict({"train": saved, "test": saved}).save_to_disk(str(tmp_path / "two_splits"))
+    with pytest.raises(DataError, match="splits train, test .*one split's directory"):
+        preprocess([tmp_path / "two_splits"], tokenizer_dir, tmp_path / "bad", options=ReadOptions(json_key="content"),
+                   progress=quiet_progress())
+    (tmp_path / "cut.jsonl.zst").write_bytes((tmp_path / "docs.jsonl.zst").read_bytes()[:200])
+    with pytest.raises(DataError, match="cut.jsonl.zst: the zstd file is cut short or damaged"):
+        preprocess([tmp_path / "cut.jsonl.zst"], tokenizer_dir, tmp_path / "bad", progress=quiet_progress())
