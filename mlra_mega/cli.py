@@ -244,7 +244,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     options = ReadOptions(json_key=args.json_key, doc_boundary=args.doc_boundary,
                           invalid_utf8=args.invalid_utf8, skip_bad_json=args.skip_bad_json)
     summary = preprocess(args.input, args.tokenizer, args.output_prefix, workers=args.workers,
-                         options=options, overwrite=args.overwrite)
+                         options=options, overwrite=args.overwrite, eod_id=args.eod_id)
     print(summary.line())
     return 0
 
@@ -262,7 +262,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                               "give model.vocab_size=N (or data.tokenizer=DIR)")
         from mlra_mega.data.tokenizer import load_tokenizer
 
-        vocab = load_tokenizer(cfg.data.tokenizer).vocab_size
+        vocab = load_tokenizer(cfg.data.tokenizer, cfg.data.eod_id).vocab_size
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
     rows = plan(cfg, args.gpus, args.gpu_memory, args.gpus_per_node)
     print(f"[plan] {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, {cfg.model.attention}, "
@@ -410,7 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("preprocess", help="text / JSON Lines -> megatron-core indexed dataset")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="text or JSON Lines (optionally .gz / .zst), parquet, or a datasets save_to_disk directory")
-    p.add_argument("--tokenizer", required=True, metavar="MODEL", help="tokenizer directory or its tokenizer.model")
+    p.add_argument("--tokenizer", required=True, metavar="MODEL",
+                   help="tokenizer directory, a sentencepiece .model, or a Hugging Face tokenizer.json")
+    p.add_argument("--eod-id", type=int, default=None, metavar="ID",
+                   help="end-of-document id, for a tokenizer that has none of its own")
     p.add_argument("--output-prefix", required=True, metavar="PREFIX")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--json-key", default="text", help="the text's key (JSON Lines) or column (parquet, datasets)")

@@ -52,8 +52,8 @@ def source_lm(src):
     """lm-eval's LM over a loaded `generate.Source`."""
     from mlra_mega.lm_tasks import model_lm
 
-    sp = src.tokenizer
-    return model_lm(src.lm, sp.encode, sp.decode, src.eod, src.seq_length)
+    tok = src.tokenizer
+    return model_lm(src.lm, tok.encode_one, tok.decode, src.eod, src.seq_length)
 
 
 def evaluate_tasks(source: str | Path, tasks: list[str], include_path: str | Path | None = None,

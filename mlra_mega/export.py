@@ -67,7 +67,8 @@ def _old_model_files(path: Path, layout: dict) -> list[dict]:
 def export_hf(checkpoint: str | Path, output_dir: str | Path, log=print) -> Path:
     """Writes the Hugging Face directory; returns its path."""
     from mlra_mega import distributed
-    from mlra_mega.model.hf import check_exportable, hf_tokenizer, to_hf
+    from mlra_mega.data.tokenizer import load_tokenizer
+    from mlra_mega.model.hf import check_exportable, hf_fast_tokenizer, hf_tokenizer, to_hf
 
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):
@@ -78,13 +79,17 @@ def export_hf(checkpoint: str | Path, output_dir: str | Path, log=print) -> Path
         check_exportable(cfg.model)
         hf = to_hf(model, cfg.model)
         hf.config.mlra_seq_length = cfg.model.seq_length  # evaluation's window, as for the checkpoint
+        if (ckpt.path / "tokenizer").is_dir():
+            hf.config.eos_token_id = load_tokenizer(ckpt.path / "tokenizer").eod  # generation stops there
         tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         hf.save_pretrained(tmp)
-        tok_model = ckpt.path / "tokenizer" / "tokenizer.model"
-        if tok_model.is_file():
-            hf_tokenizer(tok_model).save_pretrained(tmp)
-            shutil.copy(tok_model, tmp / "tokenizer.model")
+        tok_dir = ckpt.path / "tokenizer"
+        if (tok_dir / "tokenizer.model").is_file():
+            hf_tokenizer(tok_dir / "tokenizer.model").save_pretrained(tmp)
+            shutil.copy(tok_dir / "tokenizer.model", tmp / "tokenizer.model")
+        elif (tok_dir / "tokenizer.json").is_file():
+            hf_fast_tokenizer(load_tokenizer(tok_dir)).save_pretrained(tmp)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

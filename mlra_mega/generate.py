@@ -147,15 +147,15 @@ def load_source(source: str | Path) -> Source:
         raise ConfigError("SOURCE", f"{source} does not exist",
                           "give a checkpoint, a run directory or an `mlra-mega export-hf` directory")
     if (path / "config.json").is_file():
-        import sentencepiece as spm
         from transformers import AutoModelForCausalLM
 
-        if not (path / "tokenizer.model").is_file():
-            raise ConfigError("SOURCE", f"{path} has no tokenizer.model", "export it with `mlra-mega export-hf`")
+        if not any((path / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
+            raise ConfigError("SOURCE", f"{path} has no tokenizer.model or tokenizer.json",
+                              "export it with `mlra-mega export-hf`")
         model = AutoModelForCausalLM.from_pretrained(path).float().eval()
-        sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+        tok = load_tokenizer(path, getattr(model.config, "eos_token_id", None))
         context = int(model.config.n_positions)
-        return Source(_HFLM(model, context, int(sp.get_piece_size())), sp, int(sp.eos_id()), context, f"{path} (Hugging Face)",
+        return Source(_HFLM(model, context, tok.vocab_size), tok, tok.eod, context, f"{path} (Hugging Face)",
                       seq_length=int(getattr(model.config, "mlra_seq_length", context)))
 
     from mlra_mega.export import load_checkpoint_model
@@ -167,7 +167,7 @@ def load_source(source: str | Path) -> Source:
                           "generate from a checkpoint written by `mlra-mega train` (it copies the tokenizer)")
     tok = load_tokenizer(ckpt.path / "tokenizer")
     context = cfg.model.max_position_embeddings or cfg.model.seq_length
-    return Source(MegatronLM(model, context, tok.vocab_size), tok.sp, tok.eod, context,
+    return Source(MegatronLM(model, context, tok.vocab_size), tok, tok.eod, context,
                   f"{ckpt.path} ({cfg.model.attention}, {cfg.model.embedding} embedding, {cfg.model.num_layers} layers)",
                   seq_length=cfg.model.seq_length, step=int(read_sidecar(ckpt)["step"]),
                   run=TrackedRun(ckpt.root.parent, cfg))
@@ -177,7 +177,7 @@ def load_source(source: str | Path) -> Source:
 def generate(src: Source, prompt: str, opts: SamplingOptions, log=None) -> list[int]:
     """The continuation's token ids (without the end-of-document id that stopped it)."""
     opts.validate()
-    ids = src.tokenizer.encode(prompt)
+    ids = src.tokenizer.encode_one(prompt)
     if not ids:
         raise ConfigError("--prompt", "the prompt encodes to no tokens", "give some text")
     if len(ids) >= src.context:

@@ -47,13 +47,13 @@ def greedy_without_cache(source: Path) -> list[int]:
     with one_process():
         model, _, ckpt = load_checkpoint_model(source)
         src = load_source(source)
-        ids = src.tokenizer.encode(PROMPT)
+        ids = src.tokenizer.encode_one(PROMPT)
         out = []
         with torch.no_grad():
             for _ in range(NEW):
                 seq = torch.tensor([ids + out])
                 logits = model(seq, torch.arange(seq.shape[1]).unsqueeze(0), None)
-                out.append(int(torch.argmax(logits[0, -1, :src.tokenizer.vocab_size()])))
+                out.append(int(torch.argmax(logits[0, -1, :src.tokenizer.vocab_size])))
         return out
 
 

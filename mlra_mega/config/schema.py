@@ -276,7 +276,9 @@ class TrainConfig:
 class DataConfig:
     """Tokenizer and a blend of indexed datasets (prefixes made by `mlra-mega preprocess`)."""
 
-    tokenizer: str | None = option(None, "a directory made by `mlra-mega tokenizer train`")
+    tokenizer: str | None = option(None, "a directory made by `mlra-mega tokenizer train`, a sentencepiece .model, "
+                                         "or a Hugging Face tokenizer.json (or its directory)")
+    eod_id: int | None = option(None, "end-of-document id, for a tokenizer that has none of its own")
     paths: list[str] = field(
         default_factory=list, metadata={"help": "dataset prefixes made by `mlra-mega preprocess` (a blend)"})
     weights: list[float] | None = option(None, "blend weights, one per path (null: in proportion to size)")

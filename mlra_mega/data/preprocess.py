@@ -100,11 +100,11 @@ _WORKER_TOKENIZER: Tokenizer | None = None
 _WORKER_DTYPE: type = np.int32
 
 
-def _init_worker(tokenizer_path: str, dtype_name: str) -> None:
+def _init_worker(tokenizer_path: str, dtype_name: str, eod_id: int) -> None:
     global _WORKER_TOKENIZER, _WORKER_DTYPE
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's flag: terminate() must end us
-    _WORKER_TOKENIZER = load_tokenizer(tokenizer_path)
+    _WORKER_TOKENIZER = load_tokenizer(tokenizer_path, eod_id)
     _WORKER_DTYPE = np.dtype(dtype_name).type
 
 
@@ -159,7 +159,7 @@ def _clean_up(builder, pool, temps: list[Path]) -> None:  # noqa: ANN001 - megat
 
 def preprocess(inputs: list[str | Path], tokenizer_path: str | Path, output_prefix: str | Path, *,
                workers: int = 1, options: ReadOptions = ReadOptions(), overwrite: bool = False,
-               progress: Progress | None = None) -> PreprocessSummary:
+               progress: Progress | None = None, eod_id: int | None = None) -> PreprocessSummary:
     """Tokenizes `inputs` into PREFIX.bin / PREFIX.idx / PREFIX.json; returns the summary."""
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
@@ -170,7 +170,7 @@ def preprocess(inputs: list[str | Path], tokenizer_path: str | Path, output_pref
                             "one saved by datasets' save_to_disk)")
     if workers < 1:
         raise DataError(f"--workers {workers}: must be >= 1 (fix: pass --workers 1 or more)")
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path, eod_id)
     prefix = Path(output_prefix)
     # Renamed in this order at the end: the .idx last, so megatron sees no dataset until all is there.
     finals = [dataset_card_path(prefix), Path(f"{prefix}.bin"), Path(f"{prefix}.idx")]
@@ -213,7 +213,7 @@ def preprocess(inputs: list[str | Path], tokenizer_path: str | Path, output_pref
             # fork where the platform has it: no re-import per worker (the workers touch no torch).
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
             pool = mp.get_context(method).Pool(workers, initializer=_init_worker,
-                                                initargs=(str(tokenizer.model_path), np.dtype(dtype).name))
+                                                initargs=(str(tokenizer.model_path), np.dtype(dtype).name, tokenizer.eod))
             encoded = pool.imap(_encode_batch, batches)
         last_bytes = 0
         for flat, lengths in encoded:

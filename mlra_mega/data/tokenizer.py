@@ -1,4 +1,4 @@
-"""Train and load sentencepiece tokenizers, each with a JSON card.
+"""Train and load sentencepiece tokenizers, each with a JSON card; load tokenizers made elsewhere.
 
 Training feeds sentencepiece lines, never whole documents: it silently drops any sentence
 longer than `max_sentence_length` bytes, so longer lines are cut at whitespace into pieces that
@@ -9,6 +9,11 @@ Every tokenizer has byte fallback (no unknown characters) and an end-of-document
 sentencepiece `</s>` id, which preprocessing appends to each document. The card
 (`card.json` beside `tokenizer.model`) records vocab size, special ids, the input hash and the
 model file's hash, so datasets and checkpoints can name the tokenizer that made them.
+
+A tokenizer made elsewhere, a sentencepiece model without our card or a Hugging Face
+`tokenizer.json`, gets its card computed on load (vocabulary, special ids, hash); its
+end-of-document id is the tokenizer's own (sentencepiece's eos, or the first of `EOD_TOKENS` it
+has) or given (`data.eod_id`, `--eod-id`). Checkpoints keep a copy with the card (`write_dir`).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from mlra_mega.errors import ConfigError, DataError
 from mlra_mega.files import bytes_sha256, file_sha256
 
 __all__ = ["TokenizerCard", "Tokenizer", "MegatronTokenizerAdapter", "train_tokenizer", "load_tokenizer",
-           "MODEL_FILE", "CARD_FILE", "split_long_line", "check_vocab"]
+           "MODEL_FILE", "HF_FILE", "CARD_FILE", "split_long_line", "check_vocab"]
 
 MODEL_FILE = "tokenizer.model"
 CARD_FILE = "card.json"
@@ -218,15 +223,28 @@ def _write_tokenizer(out: Path, tmp_model: Path, tmp_card: Path, proto: bytes, m
     return card
 
 
+HF_FILE = "tokenizer.json"
+# Tried in order for a tokenizer without our card: the first one it has is its end of document.
+EOD_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
+
+
 class Tokenizer:
-    """A loaded sentencepiece model and its card."""
+    """A loaded tokenizer and its card: our sentencepiece model, a sentencepiece model from
+    elsewhere (card computed on load), or a Hugging Face `tokenizer.json` (fast tokenizers, GPT-2
+    byte-level BPE included)."""
 
     def __init__(self, model_path: Path, card: TokenizerCard) -> None:
-        import sentencepiece as spm
-
         self.model_path = model_path
         self.card = card
-        self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
+        self.kind = "hf" if model_path.name.endswith(".json") else "sentencepiece"
+        if self.kind == "hf":
+            from tokenizers import Tokenizer as FastTokenizer
+
+            self.hf = FastTokenizer.from_file(str(model_path))
+        else:
+            import sentencepiece as spm
+
+            self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
 
     @property
     def vocab_size(self) -> int:
@@ -237,11 +255,16 @@ class Tokenizer:
         return self.card.eod_id
 
     def encode(self, texts: list[str]) -> list[list[int]]:
+        if self.kind == "hf":
+            return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
         return self.sp.encode(texts, num_threads=1)
+
+    def encode_one(self, text: str) -> list[int]:
+        return self.encode([text])[0]
 
     def encode_documents(self, texts: list[str], dtype: type = np.int32) -> tuple[np.ndarray, np.ndarray]:
         """(all tokens with an end-of-document after each document, per-document lengths)."""
-        ids = self.sp.encode(texts, num_threads=1)
+        ids = self.encode(texts)
         lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
         flat = np.empty(int(lengths.sum()), dtype=dtype)
         pos = 0
@@ -253,11 +276,25 @@ class Tokenizer:
         return flat, lengths
 
     def decode(self, ids: list[int]) -> str:
+        if self.kind == "hf":
+            return self.hf.decode(ids, skip_special_tokens=False)
         return self.sp.decode(ids)
 
     def megatron(self) -> MegatronTokenizerAdapter:
         """The adapter megatron-core's GPTDataset expects (vocab size, eod, pad)."""
         return MegatronTokenizerAdapter(self)
+
+    def write_dir(self, out: Path) -> Path:
+        """This tokenizer as a directory of ours (its model file and its card), e.g. for checkpoints."""
+        out.mkdir(parents=True, exist_ok=True)
+        name = HF_FILE if self.kind == "hf" else MODEL_FILE
+        tmp = out / (name + f".tmp-{os.getpid()}")
+        tmp.write_bytes(self.model_path.read_bytes())
+        os.replace(tmp, out / name)
+        card_tmp = out / (CARD_FILE + f".tmp-{os.getpid()}")
+        card_tmp.write_text(json.dumps(asdict(self.card), indent=2) + "\n")
+        os.replace(card_tmp, out / CARD_FILE)
+        return out
 
 
 class MegatronTokenizerAdapter:
@@ -268,17 +305,68 @@ class MegatronTokenizerAdapter:
         self.eod = tokenizer.eod
         self.eos = tokenizer.eod
         # Part of megatron's index-cache key: a different tokenizer never reuses a cache.
-        self.unique_identifiers = {"class": "mlra_mega.sentencepiece", "model_sha256": tokenizer.card.model_sha256}
+        self.unique_identifiers = {"class": f"mlra_mega.{tokenizer.kind}", "model_sha256": tokenizer.card.model_sha256}
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A tokenizer directory (or its tokenizer.model) with its card."""
+def _model_file(p: Path) -> Path | None:
+    if p.is_file():
+        return p
+    for name in (MODEL_FILE, HF_FILE):
+        if (p / name).is_file():
+            return p / name
+    return None
+
+
+def _computed_card(model: Path, eod_id: int | None) -> TokenizerCard:
+    """The card of a tokenizer made elsewhere, from the model itself."""
+    fix = "give its end-of-document id (data.eod_id, or --eod-id for preprocess)"
+    if model.name.endswith(".json"):
+        try:
+            from tokenizers import Tokenizer as FastTokenizer
+
+            tok = FastTokenizer.from_file(str(model))
+        except Exception as exc:  # the tokenizers library raises its own error type for a bad file
+            raise DataError(f"{model}: not a Hugging Face tokenizer.json ({str(exc).splitlines()[0][:200]}) "
+                            "(fix: give the tokenizer.json a tokenizers / transformers save wrote)") from None
+        vocab, model_type = tok.get_vocab_size(with_added_tokens=True), "hf"
+        found = next((t for t in EOD_TOKENS if tok.token_to_id(t) is not None), None)
+        eod = eod_id if eod_id is not None else (tok.token_to_id(found) if found else None)
+        unk = bos = pad = -1
+        what = f"none of {', '.join(EOD_TOKENS)} is in its vocabulary"
+    else:
+        import sentencepiece as spm
+
+        try:
+            sp = spm.SentencePieceProcessor(model_file=str(model))
+        except (RuntimeError, OSError) as exc:
+            raise DataError(f"{model}: not a sentencepiece model ({str(exc).splitlines()[0][:200]}) "
+                            "(fix: give a tokenizer.model that sentencepiece wrote)") from None
+        vocab, model_type = sp.get_piece_size(), "sentencepiece"
+        eod = eod_id if eod_id is not None else (sp.eos_id() if sp.eos_id() >= 0 else None)
+        unk, bos, pad = sp.unk_id(), sp.bos_id(), sp.pad_id()
+        what = "it has no </s> (eos) piece"
+    if eod is None:
+        raise DataError(f"{model}: no end-of-document token ({what}) (fix: {fix})")
+    if not 0 <= eod < vocab:
+        raise DataError(f"{model}: end-of-document id {eod} is outside its vocabulary of {vocab} (fix: {fix})")
+    return TokenizerCard(vocab_size=vocab, model_type=model_type, unk_id=unk, eod_id=eod, bos_id=bos, pad_id=pad,
+                         model_sha256=file_sha256(model), input_sha256="", inputs=[], seed=0, lines_used=0,
+                         lines_split=0, lines_dropped=0, sampled=False, sentencepiece_version="")
+
+
+def load_tokenizer(path: str | Path, eod_id: int | None = None) -> Tokenizer:
+    """A tokenizer: a directory of ours (tokenizer.model + card.json), a sentencepiece model or a
+    Hugging Face tokenizer.json (a file, or a directory holding one) whose card is computed here;
+    `eod_id` names the end-of-document id where the tokenizer has none of its own."""
     p = Path(path)
-    directory = p.parent if p.suffix == ".model" else p
-    model, card_path = directory / MODEL_FILE, directory / CARD_FILE
-    if not model.is_file() or not card_path.is_file():
-        raise DataError(f"{directory}: no tokenizer here (expected {MODEL_FILE} and {CARD_FILE}) "
-                        "(fix: train one with `mlra-mega tokenizer train`)")
+    model = _model_file(p)
+    if model is None:
+        raise DataError(f"{p}: no tokenizer here (expected {MODEL_FILE} with its {CARD_FILE}, a sentencepiece "
+                        f".model, or a Hugging Face {HF_FILE}) (fix: train one with `mlra-mega tokenizer train`, "
+                        "or give the tokenizer's file)")
+    card_path = model.parent / CARD_FILE
+    if not card_path.is_file() or model.name not in (MODEL_FILE, HF_FILE):
+        return Tokenizer(model, _computed_card(model, eod_id))
     try:
         card = TokenizerCard(**json.loads(card_path.read_text()))
     except (json.JSONDecodeError, TypeError) as exc:
@@ -286,6 +374,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if file_sha256(model) != card.model_sha256:
         raise DataError(f"{model}: does not match its card (sha256 differs) "
                         "(fix: keep tokenizer.model and card.json together, or retrain)")
+    if eod_id is not None and eod_id != card.eod_id:
+        raise DataError(f"{model}: its card's end-of-document id is {card.eod_id}, not {eod_id} "
+                        "(fix: leave data.eod_id / --eod-id unset for a tokenizer with a card)")
     return Tokenizer(model, card)
 
 

@@ -124,3 +124,11 @@ def hf_tokenizer(tokenizer_model: Path):
     unk = pieces[proto.trainer_spec.unk_id].piece
     eos = pieces[proto.trainer_spec.eos_id].piece if proto.trainer_spec.eos_id >= 0 else None
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=unk, eos_token=eos)
+
+
+def hf_fast_tokenizer(tokenizer):
+    """A transformers fast tokenizer over a Hugging Face tokenizer.json of ours (`data.tokenizer.Tokenizer`)."""
+    from transformers import PreTrainedTokenizerFast
+
+    eos = tokenizer.hf.id_to_token(tokenizer.eod)
+    return PreTrainedTokenizerFast(tokenizer_file=str(tokenizer.model_path), eos_token=eos)

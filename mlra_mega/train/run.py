@@ -23,7 +23,7 @@ import yaml
 from mlra_mega import distributed
 from mlra_mega.config import ConfigError, RunConfig, flatten, migrate_saved, public_dict
 from mlra_mega.data.datasets import SampleOrder, TrainBatches, build_datasets
-from mlra_mega.data.tokenizer import check_vocab, load_tokenizer
+from mlra_mega.data.tokenizer import CARD_FILE, MODEL_FILE, check_vocab, load_tokenizer
 from mlra_mega.distributed import ParallelContext, launch_env
 from mlra_mega.errors import MlraMegaError, PeerLost
 from mlra_mega.files import atomic_write_text
@@ -112,7 +112,7 @@ def _record_config_changes(cfg: RunConfig, sidecar: dict, run_dir: Path, log: Ca
 def _with_tokenizer_vocab(cfg: RunConfig):
     if cfg.data.tokenizer is None:
         raise ConfigError("data.tokenizer", "is not set", "give the tokenizer directory that made data.paths")
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.eod_id)
     vocab = check_vocab(cfg.model.vocab_size, tokenizer)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
     cfg.validate()
@@ -163,7 +163,7 @@ def _callbacks(cfg: RunConfig, ctx: ParallelContext, run_dir: Path, rank_log: Ra
             RunSummary(run_dir / "summary.json"),
             PreemptionGuard(run_dir, checkpointer, cfg.checkpoint.sigterm_save_s, faults.peer_timeout_s)]
     if cfg.eval.tasks:
-        out.append(TaskEvaluation(cfg.eval, load_tokenizer(cfg.data.tokenizer), cfg.model.seq_length,
+        out.append(TaskEvaluation(cfg.eval, load_tokenizer(cfg.data.tokenizer, cfg.data.eod_id), cfg.model.seq_length,
                                   cfg.model.vocab_size, main_log))
     if cfg.tracking.enabled:
         out.append(MLflowLogger(cfg.tracking, run_dir, params=flatten(public_dict(cfg)), runs_root=cfg.run.root,
@@ -202,6 +202,18 @@ def _run(cfg: RunConfig, ctx: ParallelContext, engine, batches: TrainBatches, da
     if trainer.stop_reason is not None and ctx.is_main:
         log(f"[train] {trainer.stop_reason}; {run_dir / PREEMPTED} written")
     return history, run_dir
+
+
+def _tokenizer_dir(tokenizer, run_dir: Path, ctx: ParallelContext) -> Path:
+    """The directory checkpoints copy: a tokenizer of ours as it is; one made elsewhere, written
+    once with its computed card into the run directory (rank 0 copies it at each save)."""
+    own = tokenizer.model_path.parent
+    if tokenizer.model_path.name == MODEL_FILE and (own / CARD_FILE).is_file():
+        return own
+    out = run_dir / "tokenizer"
+    if ctx.is_main:
+        tokenizer.write_dir(out)
+    return out
 
 
 def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), log: Callable[[str], None] = print
@@ -244,7 +256,8 @@ def _train(cfg: RunConfig, callbacks: Sequence[Callback], log: Callable[[str], N
         lock = _lock_run_dir(cfg, ctx, run_dir, log)
         try:
             checkpointer = Checkpointer(cfg.checkpoint, run_dir, ctx, config=public_dict(cfg),
-                                        zero_stage=cfg.zero.stage, tokenizer_dir=Path(cfg.data.tokenizer), log=log)
+                                        zero_stage=cfg.zero.stage, tokenizer_dir=_tokenizer_dir(tokenizer, run_dir, ctx),
+                                        log=log)
             ckpt, sidecar = checkpointer.resume_point(cfg.train.steps)
             with RankLog(run_dir, ctx.rank, launch_env().launcher) as rank_log:
                 return _run(cfg, ctx, engine, batches, data, run_dir, checkpointer, ckpt, sidecar, ds_cfg, callbacks,

@@ -39,7 +39,7 @@ class TaskEvaluation(Callback):
         started = time.perf_counter()
         tok = self.tokenizer
         module = trainer.engine.module
-        lm = model_lm(MegatronLM(module, self.context, self.vocab_size), tok.sp.encode, tok.sp.decode, tok.eod,
+        lm = model_lm(MegatronLM(module, self.context, self.vocab_size), tok.encode_one, tok.decode, tok.eod,
                       self.context)
         module.eval()
         try:
