@@ -86,3 +86,50 @@ def export_at_tp2() -> float:
 def test_export_from_tp2_gathers_first() -> None:
     for err in dist_result(__name__, 2, "export_at_tp2"):
         assert err <= TOL
+
+
+@dist_case(2)
+def init_from_at_tp2() -> dict[str, float]:
+    """Each TP rank loads its shards of a GPT-2 directory (`model.init_from`); gathered, they are the
+    full state dict the import computes, for MHA and for MLRA (its SVD factors)."""
+    import tempfile
+
+    import transformers
+    from megatron.core import parallel_state
+
+    from mlra_mega import distributed
+    from mlra_mega.config import ParallelConfig
+    from mlra_mega.model.convert import full_state_dict
+    from mlra_mega.model.hf_import import init_from_hf, load_hf_weights
+    from tests.model.helpers import SEQ
+
+    out = {}
+    distributed.setup(ParallelConfig(tensor=2), seed=1)
+    try:
+        with tempfile.TemporaryDirectory() as mine:
+            where = [mine]
+            torch.distributed.broadcast_object_list(where, src=0)  # rank 0's directory, seen by both
+            tmp = where[0]
+            if torch.distributed.get_rank() == 0:
+                torch.manual_seed(0)
+                config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=64, n_layer=2, n_head=4,
+                                                 activation_function="gelu_new")
+                transformers.GPT2LMHeadModel(config).save_pretrained(tmp)
+            torch.distributed.barrier()
+            for attention in ("mha", "mlra"):
+                cfg = tiny_cfg(attention)
+                model = build_model(cfg)
+                load_hf_weights(model, tmp, cfg, 2, parallel_state.get_tensor_model_parallel_rank(), log=lambda s: None)
+                got = full_state_dict(model, parallel_state.get_tensor_model_parallel_group())
+                want, _ = init_from_hf(tmp, cfg)
+                out[attention] = max((got[k] - want[k]).abs().max().item() for k in want)
+            torch.distributed.barrier()  # rank 0 removes its directory only once both have read it
+    finally:
+        distributed.teardown(keep_process_group=True)
+    return out
+
+
+@pytest.mark.slow
+def test_init_from_at_tp2_loads_each_ranks_shards() -> None:
+    for errs in dist_result(__name__, 2, "init_from_at_tp2"):
+        assert errs == {"mha": 0.0, "mlra": 0.0}
