@@ -143,7 +143,7 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="JSON file (default bench/results/gpu.json, gpu-dry-run.json)")
     ap.add_argument("--work", default=None, help="folder for data and runs (default: a temporary one)")
     ap.add_argument("--tev-reps", type=int, default=20)
-    ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)  # tp | run ATTENTION PRECISION STEPS
+    ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)  # tp | run ATTENTION PRECISION STEPS | runs JSON
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
     mode = "dry-run" if args.dry_run else "gpu"
@@ -154,6 +154,10 @@ def main() -> int:
             result = tp_check()
             if os.environ.get("RANK", "0") == "0":
                 Path(args.result).write_text(json.dumps(result))
+        elif args.worker[0] == "runs":  # the dry run: every model run in this one process
+            result = {f"{a}-{p}": run_model(a, p, int(n), args.tev_reps if p == "bf16" else 0, args.dry_run, work)
+                      for a, p, n in json.loads(args.worker[1])}
+            Path(args.result).write_text(json.dumps(result))
         else:
             _, attention, precision, steps = args.worker
             result = run_model(attention, precision, int(steps), args.tev_reps if precision == "bf16" else 0,
@@ -172,13 +176,19 @@ def main() -> int:
     print(f"[gpu] TP=2 against TP=1 ({'GPU, gloo' if not args.dry_run else 'CPU, gloo'}): max |d logits| "
           f"{tp['max_logit_diff']:.2e}, max |d grad| {tp['max_grad_diff']:.2e} (pass <= {TP_TOL:g})", flush=True)
     check, warmup, timed = STEPS[mode]
+    plan = [(a, p, n) for a in ATTENTIONS for p, n in (("fp32", check), ("bf16", check + warmup + timed))]
+    done = {}
+    if args.dry_run:  # tiny models: process start-up would cost more than the runs
+        done = run_worker(Path(__file__), 1, ["--worker", "runs", json.dumps(plan), "--tev-reps",
+                                              str(args.tev_reps), *common], work / "runs.json", timeout_s=1800)
     rows, models = [], []
     for attention in ATTENTIONS:
         runs = {}
         for precision, steps in (("fp32", check), ("bf16", check + warmup + timed)):
-            runs[precision] = run_worker(Path(__file__), 1, ["--worker", "run", attention, precision, str(steps),
-                                                             "--tev-reps", str(args.tev_reps), *common],
-                                         work / f"{attention}-{precision}.json", timeout_s=1800)
+            # On a GPU each run has a process of its own: its peak memory is its own.
+            runs[precision] = done.get(f"{attention}-{precision}") or run_worker(
+                Path(__file__), 1, ["--worker", "run", attention, precision, str(steps), "--tev-reps",
+                                    str(args.tev_reps), *common], work / f"{attention}-{precision}.json", timeout_s=1800)
             print(f"[gpu] {attention} {precision}: {steps} steps, losses {[round(x, 4) for x in runs[precision]['losses'][:check]]}",
                   flush=True)
         s = summarise(attention, runs["fp32"], runs["bf16"], check, warmup)

@@ -267,11 +267,22 @@ def setup(parallel: ParallelConfig, seed: int, *, timeout_s: float = 600.0) -> P
 
 
 def teardown(keep_process_group: bool = False) -> None:
-    """Destroys megatron parallel state and (unless kept) the process group."""
+    """Destroys megatron parallel state, the process groups it made, and (unless kept) the default
+    process group."""
     from megatron.core import parallel_state
 
+    # megatron's destroy_model_parallel only forgets its groups: each gloo group lives on with its
+    # polling threads, so a process that sets up again and again (the tests, a sweep in one
+    # process) gets slower with every set-up. Its list holds every group this rank is in.
+    made = [g for g in (getattr(parallel_state, "_global_process_group_list", None) or []) if g is not None]
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        for group in made:
+            try:
+                dist.destroy_process_group(group)
+            except (ValueError, RuntimeError):
+                pass  # already destroyed (a DeepSpeed engine's release takes its own)
     if not keep_process_group and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -202,7 +202,7 @@ def test_bad_evaluate_input_is_one_line(runs: dict[str, Path], tmp_path: Path,
         (["evaluate", str(run), "--text", str(TASKS / "docstring_rolling.jsonl"), "--stride", "99"], "--stride"),
         (["evaluate", str(run), "--tasks", "no_such_task", "--include-path", str(TASKS)], "no task named no_such_task"),
         (["evaluate", str(run), "--tasks", "docstring_choice", "--include-path", str(tmp_path / "x")], "--include-path"),
-        (["evaluate", str(run), "--tasks", "lambada_openai", "--no-track"], "offline"),
+        (["evaluate", str(run), "--tasks", "lambada_openai", "--include-path", str(TASKS), "--no-track"], "offline"),
     ]
     for argv, expected in cases:
         assert main(argv) == 2, argv

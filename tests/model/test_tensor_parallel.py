@@ -21,37 +21,48 @@ TOL = 1e-5
 
 def _run(cfg, tp: int, full: dict | None, permute_qkv: bool = False):
     """(full logits, full grads, full weights used) of one forward/backward at TP = tp."""
+    return _run_many([cfg], tp, [full], permute_qkv)[0]
+
+
+def _run_many(cfgs: list, tp: int, fulls: list, permute_qkv: bool = False) -> list:
+    """`_run` for several configs under one parallel set-up (its process groups are made once)."""
+    from mlra_mega import distributed
+    from mlra_mega.config import ParallelConfig
+
+    ctx = distributed.setup(ParallelConfig(tensor=tp), seed=1)
+    try:
+        return [_forward_backward(cfg, tp, full, permute_qkv, ctx) for cfg, full in zip(cfgs, fulls)]
+    finally:
+        distributed.teardown(keep_process_group=True)
+
+
+def _forward_backward(cfg, tp: int, full: dict | None, permute_qkv: bool, ctx):
+    """One forward/backward of `cfg` at TP = tp in the current parallel state."""
     import torch
     from megatron.core import parallel_state
 
-    from mlra_mega import distributed
-    from mlra_mega.config import ParallelConfig
     from mlra_mega.model.build import build_model
     from mlra_mega.model.convert import gather_full, load_shard, partition_dims, shard_state_dict
     from tests.model.helpers import large_weights, tokens
 
-    ctx = distributed.setup(ParallelConfig(tensor=tp), seed=1)
-    try:
-        model = build_model(cfg)
-        dims = partition_dims(model)
-        if full is None:
-            full = large_weights(model)
-        weights = dict(full)
-        if permute_qkv:
-            weights = {k: (_blocked_qkv(v, cfg) if k.endswith("linear_qkv.weight") else v) for k, v in full.items()}
-        group = parallel_state.get_tensor_model_parallel_group()
-        load_shard(model, shard_state_dict(weights, dims, tp, parallel_state.get_tensor_model_parallel_rank()))
-        model.to(ctx.device)  # a GPU where there is one (bench/gpu.py runs this there)
-        ids, positions, labels = (t.to(ctx.device) for t in tokens())
-        logits = model(ids, positions, None)
-        loss = model(ids, positions, None, labels=labels).mean()
-        loss.backward()
-        parts = [torch.empty_like(logits) for _ in range(tp)]
-        torch.distributed.all_gather(parts, logits.detach().contiguous(), group=group)
-        grads = gather_full({n: p.grad for n, p in model.named_parameters()}, dims, group)
-        return torch.cat(parts, dim=-1).cpu(), {n: g.cpu() for n, g in grads.items()}, full
-    finally:
-        distributed.teardown(keep_process_group=True)
+    model = build_model(cfg)
+    dims = partition_dims(model)
+    if full is None:
+        full = large_weights(model)
+    weights = dict(full)
+    if permute_qkv:
+        weights = {k: (_blocked_qkv(v, cfg) if k.endswith("linear_qkv.weight") else v) for k, v in full.items()}
+    group = parallel_state.get_tensor_model_parallel_group()
+    load_shard(model, shard_state_dict(weights, dims, tp, parallel_state.get_tensor_model_parallel_rank()))
+    model.to(ctx.device)  # a GPU where there is one (bench/gpu.py runs this there)
+    ids, positions, labels = (t.to(ctx.device) for t in tokens())
+    logits = model(ids, positions, None)
+    loss = model(ids, positions, None, labels=labels).mean()
+    loss.backward()
+    parts = [torch.empty_like(logits) for _ in range(tp)]
+    torch.distributed.all_gather(parts, logits.detach().contiguous(), group=group)
+    grads = gather_full({n: p.grad for n, p in model.named_parameters()}, dims, group)
+    return torch.cat(parts, dim=-1).cpu(), {n: g.cpu() for n, g in grads.items()}, full
 
 
 def _blocked_qkv(w, cfg):
@@ -65,10 +76,10 @@ def equivalence() -> dict[str, tuple[float, float, int]]:
 
     world = dist.get_world_size()
     out = {}
-    for v in VARIANTS:
-        cfg = tiny_cfg(*v)
-        ref_logits, ref_grads, full = _run(cfg, 1, None)
-        logits, grads, _ = _run(cfg, world, full)
+    cfgs = [tiny_cfg(*v) for v in VARIANTS]
+    refs = _run_many(cfgs, 1, [None] * len(cfgs))
+    runs = _run_many(cfgs, world, [full for _, _, full in refs])
+    for v, (ref_logits, ref_grads, _), (logits, grads, _) in zip(VARIANTS, refs, runs):
         assert set(grads) == set(ref_grads)
         grad_err = max((grads[n] - ref_grads[n]).abs().max().item() for n in ref_grads)
         out[variant_id(v)] = ((logits - ref_logits).abs().max().item(), grad_err, len(grads))
