@@ -6,8 +6,6 @@ is one line."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 from pathlib import Path
@@ -16,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from mlra_mega import distributed
 from mlra_mega.cli import main
-from mlra_mega.config import ConfigError, ParallelConfig, load_config
+from mlra_mega.config import ConfigError, load_config
+from tests.test_generate import one_process
 from tests.train.test_checkpoint import overrides, steps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,15 +27,6 @@ RUN = ["train.global_batch_size=1", "train.micro_batch_size=1", f"train.steps={S
        "eval.interval=4", "eval.iters=0", "model.seq_length=32"]
 
 pytest.importorskip("lm_eval")
-
-
-@contextlib.contextmanager
-def one_process():
-    distributed.setup(ParallelConfig(tensor=1), seed=0)
-    try:
-        yield
-    finally:
-        distributed.teardown()
 
 
 @pytest.fixture(scope="module")

@@ -278,6 +278,9 @@ def test_node2_failing_mid_run_requeues_and_resumes_once_it_is_back(
     wait_done(job)
     starts = batch_times(run)
     assert len(starts) == 2, slurm_log(run)[-3000:]
+    # Slurm's own account of it: a node failure, and the requeue that follows from it.
+    controller = (CONF.parent / "slurmctld.log").read_text()
+    assert f"requeue job JobId={job} due to failure of node node2" in controller, controller[-3000:]
     assert re.search(r"resuming \S+/step00000004 at step", slurm_log(run)), slurm_log(run)[-3000:]
     assert_every_step_once_like(run, straight[0], None)
     assert_crash_replay_in_mlflow(server, run, straight[0])

@@ -47,6 +47,17 @@ def hf_config(cfg: ModelConfig):
     )
 
 
+# Per layer, every tensor but the fused QKV: (ours, GPT-2's, whether GPT-2's Conv1D holds it transposed).
+LAYER_NAMES = [
+    ("input_layernorm.weight", "ln_1.weight", False), ("input_layernorm.bias", "ln_1.bias", False),
+    ("self_attention.linear_proj.weight", "attn.c_proj.weight", True),
+    ("self_attention.linear_proj.bias", "attn.c_proj.bias", False),
+    ("pre_mlp_layernorm.weight", "ln_2.weight", False), ("pre_mlp_layernorm.bias", "ln_2.bias", False),
+    ("mlp.linear_fc1.weight", "mlp.c_fc.weight", True), ("mlp.linear_fc1.bias", "mlp.c_fc.bias", False),
+    ("mlp.linear_fc2.weight", "mlp.c_proj.weight", True), ("mlp.linear_fc2.bias", "mlp.c_proj.bias", False),
+]
+
+
 def hf_state_dict(full: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """GPT2LMHeadModel tensors from our full (gathered, unpadded-or-padded) state dict."""
     check_exportable(cfg)
@@ -65,20 +76,9 @@ def hf_state_dict(full: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor
         # megatron: rows head by head (q_h, k_h, v_h); GPT-2's Conv1D: [in, out] with all q, all k, all v.
         qkv_w = full[src + "self_attention.linear_qkv.weight"].view(h, 3, dh, d).transpose(0, 1).reshape(3 * d, d)
         qkv_b = full[src + "self_attention.linear_qkv.bias"].view(h, 3, dh).transpose(0, 1).reshape(3 * d)
-        out.update({
-            dst + "ln_1.weight": full[src + "input_layernorm.weight"],
-            dst + "ln_1.bias": full[src + "input_layernorm.bias"],
-            dst + "attn.c_attn.weight": qkv_w.t(),
-            dst + "attn.c_attn.bias": qkv_b,
-            dst + "attn.c_proj.weight": full[src + "self_attention.linear_proj.weight"].t(),
-            dst + "attn.c_proj.bias": full[src + "self_attention.linear_proj.bias"],
-            dst + "ln_2.weight": full[src + "pre_mlp_layernorm.weight"],
-            dst + "ln_2.bias": full[src + "pre_mlp_layernorm.bias"],
-            dst + "mlp.c_fc.weight": full[src + "mlp.linear_fc1.weight"].t(),
-            dst + "mlp.c_fc.bias": full[src + "mlp.linear_fc1.bias"],
-            dst + "mlp.c_proj.weight": full[src + "mlp.linear_fc2.weight"].t(),
-            dst + "mlp.c_proj.bias": full[src + "mlp.linear_fc2.bias"],
-        })
+        out.update({dst + "attn.c_attn.weight": qkv_w.t(), dst + "attn.c_attn.bias": qkv_b})
+        out.update({dst + theirs: (full[src + ours].t() if transposed else full[src + ours])
+                    for ours, theirs, transposed in LAYER_NAMES})
     out["lm_head.weight"] = (out["transformer.wte.weight"] if cfg.tie_embeddings
                              else full["output_layer.weight"])
     return {k: v.detach().float().contiguous().clone() for k, v in out.items()}

@@ -91,6 +91,7 @@ def _pad_rows(t: Tensor, rows: int) -> Tensor:
 def init_from_hf(path: str | Path, cfg: ModelConfig) -> tuple[dict[str, Tensor], list[float]]:
     """(our full PP = 1 state dict for `cfg`, relative SVD error per layer: empty for MHA)."""
     from mlra_mega.model.convert import mha_to_mlra
+    from mlra_mega.model.hf import LAYER_NAMES
 
     if cfg.embedding == "scaled" and cfg.tie_embeddings:
         raise ConfigError("model.embedding", "Scaled Embed with tied embeddings cannot start from GPT-2 weights: "
@@ -114,20 +115,9 @@ def init_from_hf(path: str | Path, cfg: ModelConfig) -> tuple[dict[str, Tensor],
         # GPT-2's Conv1D [in, out] with all q, all k, all v -> megatron's rows head by head (q_h, k_h, v_h).
         qkv_w = t[src + "attn.c_attn.weight"].t().reshape(3, h, dh, d).transpose(0, 1).reshape(3 * d, d)
         qkv_b = t[src + "attn.c_attn.bias"].reshape(3, h, dh).transpose(0, 1).reshape(3 * d)
-        full.update({
-            dst + "input_layernorm.weight": t[src + "ln_1.weight"],
-            dst + "input_layernorm.bias": t[src + "ln_1.bias"],
-            dst + "self_attention.linear_qkv.weight": qkv_w,
-            dst + "self_attention.linear_qkv.bias": qkv_b,
-            dst + "self_attention.linear_proj.weight": t[src + "attn.c_proj.weight"].t(),
-            dst + "self_attention.linear_proj.bias": t[src + "attn.c_proj.bias"],
-            dst + "pre_mlp_layernorm.weight": t[src + "ln_2.weight"],
-            dst + "pre_mlp_layernorm.bias": t[src + "ln_2.bias"],
-            dst + "mlp.linear_fc1.weight": t[src + "mlp.c_fc.weight"].t(),
-            dst + "mlp.linear_fc1.bias": t[src + "mlp.c_fc.bias"],
-            dst + "mlp.linear_fc2.weight": t[src + "mlp.c_proj.weight"].t(),
-            dst + "mlp.linear_fc2.bias": t[src + "mlp.c_proj.bias"],
-        })
+        full.update({dst + "self_attention.linear_qkv.weight": qkv_w, dst + "self_attention.linear_qkv.bias": qkv_b})
+        full.update({dst + ours: (t[src + theirs].t() if transposed else t[src + theirs])
+                     for ours, theirs, transposed in LAYER_NAMES})
     errors: list[float] = []
     if cfg.attention == "mlra":
         full, errors = mha_to_mlra(full, cfg)
