@@ -131,10 +131,14 @@ def run_tasks(model, tasks: Sequence[str], include_path: str | Path | None = Non
                                   random_seed=None, numpy_random_seed=None, torch_random_seed=None,
                                   fewshot_random_seed=seed, bootstrap_iters=0, log_samples=True)
     except (ConnectionError, OSError) as exc:
-        raise ConfigError("--tasks", f"a task needs a download, and this machine is offline "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})",
-                          "define the task on local files (custom_dataset, or dataset_path: json with "
-                          "data_files) and pass its folder as --include-path") from None
+        said = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        if isinstance(exc, ConnectionError) or "offline" in str(exc).lower() or "hub" in str(exc).lower():
+            raise ConfigError("--tasks", f"a task needs a download, and this machine is offline ({said})",
+                              "define the task on local files (custom_dataset, or dataset_path: json with "
+                              "data_files) and pass its folder as --include-path") from None
+        raise ConfigError("--tasks", f"a task's data cannot be read ({said})",
+                          "check the data files its YAML names (relative paths are read from the working "
+                          "directory; custom_dataset reads beside the YAML)") from None
     finally:
         _set_rng_state(state)
     return results
