@@ -199,7 +199,10 @@ def test_bad_evaluate_input_is_one_line(runs: dict[str, Path], tmp_path: Path,
         assert expected in err, (argv, err[-2000:])
         assert "Traceback" not in err
     for bad, field in ((["eval.tasks=[x]", "parallel.sequence_parallel=true", "parallel.tensor=2"], "eval.tasks"),
-                       (["eval.tasks=[x]", "eval.tasks_interval=-1"], "eval.tasks_interval"),
-                       (["eval.tasks_include_path=/nowhere"], "eval.tasks_include_path")):
+                       (["eval.tasks=[x]", "eval.tasks_interval=-1"], "eval.tasks_interval")):
         with pytest.raises(ConfigError, match=field):
             load_config(None, bad).validate()
+    from mlra_mega.config import check_run_inputs
+
+    with pytest.raises(ConfigError, match="eval.tasks_include_path: /nowhere is not a directory"):
+        check_run_inputs(load_config(None, ["eval.tasks=[x]", "eval.tasks_include_path=/nowhere"]))

@@ -24,7 +24,7 @@ __all__ = [
     "ConfigError", "MLRAConfig", "ModelConfig", "ParallelConfig", "ZeroConfig", "OptimConfig", "TrainConfig",
     "DataConfig", "MetricsConfig", "EvalConfig", "DiagnosticsConfig", "CheckpointConfig", "FaultsConfig",
     "TrackingConfig", "ProfileConfig", "RunSection", "RunConfig", "check_tensor_parallel", "check_pipeline",
-    "pipeline_split", "check_choices",
+    "pipeline_split", "check_choices", "check_run_inputs",
     "check_path_component", "describe_keys", "option", "key_of", "field_of",
 ]
 
@@ -118,9 +118,6 @@ class ModelConfig:
 
     def validate(self, prefix: str = "model") -> None:
         check_choices(self, prefix)
-        if self.init_from is not None and not (Path(self.init_from) / "config.json").is_file():
-            raise ConfigError(f"{prefix}.init_from", f"{self.init_from} is not a Hugging Face model directory "
-                              "(no config.json)", "give a directory saved by transformers' save_pretrained")
         for name in ("num_layers", "hidden_size", "num_heads", "vocab_multiple", "seq_length"):
             _require_positive(f"{prefix}.{name}", getattr(self, name))
         for name in ("ffn_hidden_size", "vocab_size", "max_position_embeddings"):
@@ -366,13 +363,6 @@ class EvalConfig:
         if self.tasks_limit is not None and self.tasks_limit < 1:
             raise ConfigError(f"{prefix}.tasks_limit", f"must be >= 1, got {self.tasks_limit}",
                               "give a number of documents per task, or null for all")
-        if self.tasks_include_path is not None and not Path(self.tasks_include_path).is_dir():
-            raise ConfigError(f"{prefix}.tasks_include_path", f"{self.tasks_include_path} is not a directory",
-                              "give the folder of the task YAML files, e.g. configs/eval_tasks")
-        if self.tasks:
-            from mlra_mega.lm_tasks import check_lm_eval
-
-            check_lm_eval(f"{prefix}.tasks")
 
 
 @dataclass
@@ -565,6 +555,22 @@ class RunConfig:
         if self.eval.tasks and self.eval.tasks_interval > self.train.steps:
             raise ConfigError("eval.tasks_interval", f"{self.eval.tasks_interval} is after the last step "
                               f"(train.steps={self.train.steps})", "choose a smaller interval, or 0 for the end only")
+
+
+def check_run_inputs(cfg: "RunConfig") -> None:
+    """What a run reads besides its data, checked when it starts (not in `validate`: a checkpoint's
+    saved config is validated again wherever it is read, where those paths need not exist)."""
+    if cfg.model.init_from is not None and not (Path(cfg.model.init_from) / "config.json").is_file():
+        raise ConfigError("model.init_from", f"{cfg.model.init_from} is not a Hugging Face model directory "
+                          "(no config.json)", "give a directory saved by transformers' save_pretrained")
+    e = cfg.eval
+    if e.tasks_include_path is not None and not Path(e.tasks_include_path).is_dir():
+        raise ConfigError("eval.tasks_include_path", f"{e.tasks_include_path} is not a directory",
+                          "give the folder of the task YAML files, e.g. configs/eval_tasks")
+    if e.tasks:
+        from mlra_mega.lm_tasks import check_lm_eval
+
+        check_lm_eval("eval.tasks")
 
 
 def pipeline_split(num_layers: int, pipeline: int, first_last: list[int] | None) -> list[int]:

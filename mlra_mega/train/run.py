@@ -21,7 +21,7 @@ import torch.distributed as dist
 import yaml
 
 from mlra_mega import distributed
-from mlra_mega.config import ConfigError, RunConfig, flatten, migrate_saved, public_dict
+from mlra_mega.config import ConfigError, RunConfig, check_run_inputs, flatten, migrate_saved, public_dict
 from mlra_mega.data.datasets import SampleOrder, TrainBatches, build_datasets
 from mlra_mega.data.tokenizer import CARD_FILE, MODEL_FILE, check_vocab, load_tokenizer
 from mlra_mega.distributed import ParallelContext, launch_env
@@ -231,6 +231,7 @@ def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), log: Callable[[str
 def _train(cfg: RunConfig, callbacks: Sequence[Callback], log: Callable[[str], None]
            ) -> tuple[list[StepMetrics], Path]:
     dp = validate_layout(cfg, launch_env().world_size if not dist.is_initialized() else dist.get_world_size())
+    check_run_inputs(cfg)
     cfg, tokenizer = _with_tokenizer_vocab(cfg)
     if cfg.tracking.enabled:
         check_tracking_store(tracking_uri(cfg))
