@@ -130,7 +130,7 @@ def worker_hf(model: str, steps: int, work: Path) -> list[float]:
     net = GPT2LMHeadModel(GPT2Config(
         vocab_size=m.padded_vocab_size, n_positions=m.seq_length, n_embd=m.hidden_size, n_layer=m.num_layers,
         n_head=m.num_heads, n_inner=m.ffn_size, resid_pdrop=m.hidden_dropout, embd_pdrop=m.hidden_dropout,
-        attn_pdrop=m.attention_dropout, layer_norm_epsilon=m.layernorm_eps, tie_word_embeddings=m.tie_embeddings,
+        attn_pdrop=m.attention_dropout, layer_norm_epsilon=m.layernorm_eps, tie_word_embeddings=m.tied_embeddings,
         attn_implementation="sdpa"))
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,

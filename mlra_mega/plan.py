@@ -93,7 +93,7 @@ def stage_numel(cfg: RunConfig, tp: int, pp: int, stage: int) -> tuple[int, int]
         other += v * d // tp + m.max_positions * d + (2 * d if m.embedding == "layernorm" else 0)
     if stage == pp - 1:
         other += 2 * d
-        if not m.tie_embeddings or pp > 1:
+        if not m.tied_embeddings or pp > 1:
             other += v * d // tp
     return layers, other
 

@@ -23,7 +23,7 @@ from mlra_mega.config.schema import RunConfig, _all_dotted_keys, _did_you_mean, 
 from mlra_mega.credentials import mask
 from mlra_mega.errors import ConfigError
 
-__all__ = ["MAX_YAML_NODES", "RENAMED", "load_config", "migrate_saved", "with_values", "from_dict", "to_dict", "public_dict", "flatten",
+__all__ = ["MAX_YAML_NODES", "RENAMED", "load_config", "migrate_saved", "model_identity", "with_values", "from_dict", "to_dict", "public_dict", "flatten",
            "read_yaml_document"]
 
 MAX_YAML_NODES = 100_000  # a config is a few hundred nodes; an alias bomb expands to billions
@@ -47,6 +47,18 @@ def migrate_saved(data: dict[str, Any]) -> dict[str, Any]:
             new_section, new_key = new.split(".")
             out.setdefault(new_section, {}).setdefault(new_key, values.get(value, value))
     return out
+
+
+def model_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The dotted `model.*` values of a config dict (a saved one, or the run's own) with every
+    default that depends on others made explicit (e.g. `tie_embeddings` from `arch`), so two
+    configs of one model compare equal whichever release wrote them."""
+    from mlra_mega.config.schema import ModelConfig
+
+    model = from_dict(ModelConfig, migrate_saved(config).get("model", {}), "model.")
+    model = dataclasses.replace(model, tie_embeddings=model.tied_embeddings,
+                                num_kv_heads=model.kv_heads, ffn_hidden_size=model.ffn_size)
+    return {f"model.{k}": v for k, v in flatten(model).items()}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -65,16 +65,25 @@ class MLRAConfig:
 
 @dataclass
 class ModelConfig:
-    """GPT-2 style Pre-LN decoder; `attention` and `embedding` pick the paper's variant."""
+    """Pre-LN decoder: GPT-2 blocks (the paper's) or Llama-style blocks (`arch`); `attention` and
+    `embedding` pick the paper's variant."""
 
+    arch: Literal["gpt2", "llama"] = option(
+        "gpt2", "gpt2 (LayerNorm, GELU MLP, learned positions, biases) or llama (RMSNorm, SwiGLU, rotary "
+                "positions, no biases, grouped-query attention)")
     num_layers: int = option(12, "transformer layers")
     hidden_size: int = option(768, "model width d")
     num_heads: int = option(12, "attention heads (divide hidden_size, and divide over parallel.tensor)")
-    ffn_hidden_size: int | None = option(None, "MLP width (null: 4 * hidden_size)")
+    num_kv_heads: int | None = option(None, "key/value heads, llama only (null: num_heads = MHA; 1 = multi-query; "
+                                            "divides num_heads and is divided by parallel.tensor)")
+    ffn_hidden_size: int | None = option(None, "MLP width (null: gpt2 4 * hidden_size; llama 8/3 * hidden_size "
+                                               "rounded up to a multiple of 256)")
     vocab_size: int | None = option(None, "vocabulary size (null: the tokenizer card's)")
     vocab_multiple: int = option(128, "the vocabulary is padded to a multiple of this (independent of TP)")
     seq_length: int = option(1024, "tokens per training sample")
-    max_position_embeddings: int | None = option(None, "learned positions (null: seq_length)")
+    max_position_embeddings: int | None = option(None, "learned positions, gpt2; the longest context (null: "
+                                                       "seq_length)")
+    rotary_base: float = option(10000.0, "rotary embedding base (llama)")
     attention: Literal["mha", "mlra"] = option("mha", "mha (standard) or mlra (multi-head low-rank)")
     embedding: Literal["vanilla", "scaled", "layernorm"] = option(
         "vanilla", "vanilla, scaled (x sqrt(d), Scaled Embed) or layernorm (Embed LN)")
@@ -82,23 +91,43 @@ class ModelConfig:
     init_std: float = option(0.02, "normal init std of every weight matrix")
     qkv_init_std: float | None = option(None, "init std of Q, K, V (null: init_std)")
     scale_residual_init: bool = option(True, "output projections of residual branches * 1/sqrt(2L)")
-    tie_embeddings: bool = option(True, "share the input embedding with the output head")
-    layernorm_eps: float = option(1e-5, "LayerNorm epsilon")
+    tie_embeddings: bool | None = option(None, "share the input embedding with the output head (null: gpt2 "
+                                               "ties, llama does not)")
+    layernorm_eps: float = option(1e-5, "epsilon of every norm (LayerNorm, or RMSNorm with llama)")
     hidden_dropout: float = option(0.0, "dropout on the residual branches")
     attention_dropout: float = option(0.0, "dropout on the attention probabilities")
     attention_backend: Literal["auto", "local", "sdpa", "te"] = option(
         "auto", "auto, local (megatron's), sdpa (torch) or te (Transformer Engine)")
     fusions: Literal["auto", "off"] = option("auto", "auto: megatron's fused kernels where available; off: none")
-    init_from: str | None = option(None, "start from Hugging Face GPT-2 weights: a directory with config.json and "
-                                         "safetensors (MLRA: each head's truncated SVD)")
+    init_from: str | None = option(None, "start from Hugging Face weights (GPT-2 for gpt2, Llama for llama): a "
+                                         "directory with config.json and safetensors (MLRA: each head's truncated "
+                                         "SVD)")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
     @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
     def ffn_size(self) -> int:
-        return self.ffn_hidden_size or 4 * self.hidden_size
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        if self.arch == "llama":  # Llama's 2/3 of 4d for the three SwiGLU matrices, rounded up to 256
+            return 256 * math.ceil(8 * self.hidden_size / 3 / 256)
+        return 4 * self.hidden_size
+
+    @property
+    def tied_embeddings(self) -> bool:
+        """`tie_embeddings`, or the block type's default: gpt2 ties, llama does not."""
+        return self.arch == "gpt2" if self.tie_embeddings is None else self.tie_embeddings
+
+    @property
+    def learned_positions(self) -> bool:
+        """gpt2 adds a learned position embedding; llama rotates q and k instead."""
+        return self.arch == "gpt2"
 
     @property
     def max_positions(self) -> int:
@@ -120,13 +149,28 @@ class ModelConfig:
         check_choices(self, prefix)
         for name in ("num_layers", "hidden_size", "num_heads", "vocab_multiple", "seq_length"):
             _require_positive(f"{prefix}.{name}", getattr(self, name))
-        for name in ("ffn_hidden_size", "vocab_size", "max_position_embeddings"):
+        for name in ("ffn_hidden_size", "vocab_size", "max_position_embeddings", "num_kv_heads"):
             if getattr(self, name) is not None:
                 _require_positive(f"{prefix}.{name}", getattr(self, name))
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"{prefix}.num_heads",
                               f"{self.num_heads} heads do not divide hidden_size {self.hidden_size}",
                               "choose num_heads dividing hidden_size (e.g. hidden 768 with 12 heads)")
+        if self.num_kv_heads is not None and self.num_kv_heads != self.num_heads:
+            if self.arch != "llama":
+                raise ConfigError(f"{prefix}.num_kv_heads", "grouped-query attention is a llama-block option",
+                                  "set model.arch=llama, or leave model.num_kv_heads null")
+            if self.num_heads % self.num_kv_heads:
+                raise ConfigError(f"{prefix}.num_kv_heads",
+                                  f"{self.num_kv_heads} key/value heads do not divide num_heads {self.num_heads}",
+                                  "choose a divisor of num_heads (1 = multi-query, num_heads = MHA)")
+        if self.arch == "llama" and self.head_dim % 2:
+            raise ConfigError(f"{prefix}.num_heads", f"rotary positions need an even head size, got "
+                              f"{self.hidden_size} / {self.num_heads} = {self.head_dim}",
+                              "choose num_heads so that hidden_size / num_heads is even")
+        if not self.rotary_base > 0:
+            raise ConfigError(f"{prefix}.rotary_base", f"must be > 0, got {self.rotary_base}",
+                              "use Llama's 10000 (or 500000 for long contexts)")
         if self.max_positions < self.seq_length:
             raise ConfigError(f"{prefix}.max_position_embeddings",
                               f"{self.max_positions} is shorter than seq_length {self.seq_length}",
@@ -617,6 +661,11 @@ def check_tensor_parallel(model: ModelConfig, tp: int) -> None:
     if model.num_heads % tp:
         raise ConfigError("parallel.tensor", f"{tp} does not divide model.num_heads {model.num_heads}",
                           "choose a tensor-parallel size that divides the number of heads")
+    if model.kv_heads % tp:
+        raise ConfigError("parallel.tensor", f"{tp} does not divide model.num_kv_heads {model.kv_heads} "
+                          "(each tensor-parallel rank holds whole key/value heads)",
+                          f"set parallel.tensor to a divisor of {model.kv_heads}, or model.num_kv_heads to a "
+                          f"multiple of {tp}")
     if model.vocab_size is not None and model.padded_vocab_size % tp:
         raise ConfigError("parallel.tensor",
                           f"{tp} does not divide the padded vocabulary {model.padded_vocab_size}",

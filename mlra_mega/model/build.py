@@ -1,8 +1,10 @@
 """A megatron-core GPTModel from a `ModelConfig`, with its parameter count and FLOPs per token.
 
-GPT-2 choices are made here explicitly: Pre-LN, learned absolute positions, tanh GELU, biases,
-LayerNorm eps from the config (1e-5), dropout as configured rather than megatron's 0.1 default,
-N(0, init_std) weights with residual-branch output projections at init_std / sqrt(2L). Fused
+The block type's choices are made here explicitly. gpt2: Pre-LN, learned absolute positions,
+tanh GELU, biases, LayerNorm. llama (`model.arch`): Pre-RMSNorm, rotary positions
+(`rotary_base`), SwiGLU, no biases, grouped-query attention (`num_kv_heads`). Both: norm eps
+from the config (1e-5), dropout as configured rather than megatron's 0.1 default, N(0,
+init_std) weights with residual-branch output projections at init_std / sqrt(2L). Fused
 kernels follow `model.fusions` (`fusion_flags`): `auto` turns on, where CUDA is available, those
 the installed stack supports.
 """
@@ -39,7 +41,8 @@ def fusion_flags(cfg: ModelConfig) -> dict[str, bool]:
         # The fused bias-GELU kernel is erf GELU; GPT-2's is tanh.
         "bias_activation_fusion": False,
         "persist_layer_norm": False,  # Apex's FusedLayerNorm only; the local spec uses torch's
-        "apply_rope_fusion": False,  # learned absolute positions: no RoPE
+        # Off everywhere: megatron's fused RoPE needs Transformer Engine or Apex, and gpt2 has none.
+        "apply_rope_fusion": False,
     }
 
 
@@ -72,6 +75,12 @@ def transformer_config(cfg: ModelConfig, *, tensor_parallel: int = 1, sequence_p
         if pipeline_layers is not None:
             extra.update(num_layers_in_first_pipeline_stage=pipeline_layers[0],
                          num_layers_in_last_pipeline_stage=pipeline_layers[1])
+    if cfg.arch == "llama":
+        block = dict(normalization="RMSNorm", add_bias_linear=False, gated_linear_unit=True, activation_func=F.silu,
+                     num_query_groups=cfg.kv_heads)
+    else:
+        block = dict(normalization="LayerNorm", add_bias_linear=True,
+                     activation_func=functools.partial(F.gelu, approximate="tanh"))
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -81,8 +90,7 @@ def transformer_config(cfg: ModelConfig, *, tensor_parallel: int = 1, sequence_p
         layernorm_epsilon=cfg.layernorm_eps,
         hidden_dropout=cfg.hidden_dropout,
         attention_dropout=cfg.attention_dropout,
-        add_bias_linear=True,
-        activation_func=functools.partial(F.gelu, approximate="tanh"),
+        **block,
         init_method_std=cfg.init_std,
         init_method=_normal(cfg.init_std),
         output_layer_init_method=_normal(residual_std),
@@ -132,41 +140,55 @@ def build_model(cfg: ModelConfig, *, tensor_parallel: int | None = None, sequenc
         max_sequence_length=cfg.max_positions,
         pre_process=stage == 0,
         post_process=stage == pp - 1,
-        share_embeddings_and_output_weights=cfg.tie_embeddings,
-        position_embedding_type="learned_absolute",
+        share_embeddings_and_output_weights=cfg.tied_embeddings,
+        position_embedding_type="learned_absolute" if cfg.learned_positions else "rope",
+        rotary_base=cfg.rotary_base,
         embedding=cfg.embedding,
     )
 
 
 def _attention_weights(cfg: ModelConfig) -> tuple[int, int]:
     """(parameters, multiply-accumulates per token) of one layer's attention projections."""
-    d, h, dh, r = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.mlra_rank
+    d, dh, r = cfg.hidden_size, cfg.head_dim, cfg.mlra_rank
+    bias = cfg.arch == "gpt2"
     params = macs = 0
     for p in ("q", "k", "v"):
+        heads = cfg.num_heads if p == "q" else cfg.kv_heads
         if cfg.attention == "mlra" and p in cfg.mlra.factorize:
-            macs += d * h * r + h * r * dh          # A (d x hr), then per-head B (r x dh)
-            params += d * h * r + h * r * dh + h * dh
+            macs += d * heads * r + heads * r * dh      # A (d x heads r), then per-head B (r x dh)
+            params += d * heads * r + heads * r * dh + bias * heads * dh
         else:
-            macs += d * d
-            params += d * d + d
+            macs += d * heads * dh
+            params += d * heads * dh + bias * heads * dh
+    h = cfg.num_heads
     if cfg.attention == "mlra" and "o" in cfg.mlra.factorize:
-        macs += h * dh * r + h * r * d              # per-head A^O (dh x r), then B^O (hr x d)
-        params += h * dh * r + h * r * d + d
+        macs += h * dh * r + h * r * d                  # per-head A^O (dh x r), then B^O (hr x d)
+        params += h * dh * r + h * r * d + bias * d
     else:
         macs += d * d
-        params += d * d + d
+        params += d * d + bias * d
     return params, macs
+
+
+def _mlp_weights(cfg: ModelConfig) -> int:
+    """Multiply-accumulates per token (= weights) of one layer's MLP: GELU's two matrices, or
+    SwiGLU's three (gate, up, down)."""
+    return (3 if cfg.arch == "llama" else 2) * cfg.hidden_size * cfg.ffn_size
 
 
 def count_parameters(cfg: ModelConfig) -> int:
     """Parameters of the built model, padded vocabulary rows included, a tied matrix once."""
     d, f, L = cfg.hidden_size, cfg.ffn_size, cfg.num_layers
     attn, _ = _attention_weights(cfg)
-    per_layer = 2 * d + attn + 2 * d + (d * f + f) + (f * d + d)
-    total = cfg.padded_vocab_size * d + cfg.max_positions * d + L * per_layer + 2 * d
+    if cfg.arch == "llama":  # RMSNorm weights only, no biases, no position table
+        norm, mlp_bias, positions = d, 0, 0
+    else:
+        norm, mlp_bias, positions = 2 * d, f + d, cfg.max_positions * d
+    per_layer = norm + attn + norm + _mlp_weights(cfg) + mlp_bias
+    total = cfg.padded_vocab_size * d + positions + L * per_layer + norm
     if cfg.embedding == "layernorm":
         total += 2 * d
-    if not cfg.tie_embeddings:
+    if not cfg.tied_embeddings:
         total += cfg.padded_vocab_size * d
     return total
 
@@ -176,12 +198,12 @@ def forward_flops_per_token(cfg: ModelConfig, seq_length: int | None = None) -> 
 
     Counts every linear layer, the logits over the padded vocabulary, and attention scores and
     values over the full s x s square, as megatron's kernels compute them (causal masking is
-    applied after the product, so no halving). Norms, GELU and softmax are left out.
+    applied after the product, so no halving). Norms, activations, rotary and softmax are left out.
     """
     s = seq_length or cfg.seq_length
-    d, f, L = cfg.hidden_size, cfg.ffn_size, cfg.num_layers
+    d, L = cfg.hidden_size, cfg.num_layers
     _, attn_macs = _attention_weights(cfg)
-    per_layer = attn_macs + 2 * s * d + 2 * d * f   # projections, QK^T and AV, MLP
+    per_layer = attn_macs + 2 * s * d + _mlp_weights(cfg)   # projections, QK^T and AV, MLP
     return 2 * (L * per_layer + d * cfg.padded_vocab_size)
 
 

@@ -4,7 +4,9 @@ Which tensors are split, and along which dimension, is read off the model itself
 marks every tensor-parallel parameter with `tensor_model_parallel` and `partition_dim` (and our
 MLRA factors are marked the same way). The marks do not depend on the TP size, so the layout
 of a TP=1 model describes every TP size. Every split is an even contiguous chunk: column-parallel
-weights are ordered head by head (megatron's QKV interleave, our A factors) or by vocabulary row.
+weights are ordered query group by query group (megatron's QKV interleave, our A factors; one
+group per head without grouped-query attention) or by vocabulary row, and SwiGLU's [gate; up]
+is one [2, f, d] tensor split along f.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from torch import Tensor
 from mlra_mega.config import ModelConfig
 
 __all__ = ["partition_dims", "shard_state_dict", "merge_shards", "load_shard", "gather_full",
-           "full_state_dict", "mha_to_mlra", "mlra_to_mha"]
+           "full_state_dict", "group_split", "group_join", "mha_to_mlra", "mlra_to_mha"]
 
 
 def partition_dims(model: torch.nn.Module) -> dict[str, int | None]:
@@ -88,40 +90,73 @@ def full_state_dict(model: torch.nn.Module, group: dist.ProcessGroup | None = No
     return gather_full(dict(model.named_parameters()), partition_dims(model), group)
 
 
+def _group_heads(cfg: ModelConfig) -> dict[str, int]:
+    """Heads of q, k and v in one query group (per group: its q heads, one k head, one v head)."""
+    return {"q": cfg.num_heads // cfg.kv_heads, "k": 1, "v": 1}
+
+
+def group_split(t: Tensor, names: list[str] | str, cfg: ModelConfig, size: int) -> dict[str, Tensor]:
+    """Rows laid out group by group ([q heads, k, v] of each query group, restricted to `names`,
+    `size` rows a head: megatron's QKV order, our MLRA A factors) -> {name: [its heads, size, ...]}."""
+    per = _group_heads(cfg)
+    rest = t.shape[1:]
+    grouped = t.reshape(cfg.kv_heads, sum(per[p] for p in names) * size, *rest)
+    parts = torch.split(grouped, [per[p] * size for p in names], dim=1)
+    return {p: x.reshape(cfg.kv_heads * per[p], size, *rest) for p, x in zip(names, parts)}
+
+
+def group_join(parts: dict[str, Tensor], names: list[str] | str, cfg: ModelConfig) -> Tensor:
+    """The inverse of `group_split`: {name: [its heads, size, ...]} -> rows group by group."""
+    per = _group_heads(cfg)
+    grouped = [parts[p].reshape(cfg.kv_heads, per[p] * parts[p].shape[1], *parts[p].shape[2:]) for p in names]
+    joined = torch.cat(grouped, dim=1)
+    return joined.reshape(-1, *joined.shape[2:])
+
+
+def _attention_prefixes(full: dict[str, Tensor]) -> list[str]:
+    return sorted({k.rsplit("self_attention.", 1)[0] + "self_attention." for k in full if "self_attention." in k},
+                  key=lambda p: int(p.split("layers.")[1].split(".")[0]) if "layers." in p else -1)
+
+
 def mlra_to_mha(full: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """The state dict of the MHA model computing the same function: W_h = A_h B_h per head.
 
     Input: a full MLRA state dict (`cfg.attention == "mlra"`); output: the full state dict of
-    the same config with `attention = "mha"`, megatron's QKV layout (head by head: q, k, v).
+    the same config with `attention = "mha"`, megatron's QKV layout (group by group: the group's
+    q heads, its k, its v; with one group per head, head by head). Biases only where the block
+    type has them (gpt2).
     """
     h, dh, d, r = cfg.num_heads, cfg.head_dim, cfg.hidden_size, cfg.mlra_rank
     factorized = [p for p in ("q", "k", "v") if p in cfg.mlra.factorize]
     full_proj = [p for p in ("q", "k", "v") if p not in cfg.mlra.factorize]
-    prefixes = sorted({k.rsplit("self_attention.", 1)[0] + "self_attention." for k in full if "self_attention." in k})
+    bias = cfg.arch == "gpt2"
     out = {k: v for k, v in full.items() if "self_attention." not in k}
-    for pre in prefixes:
+    for pre in _attention_prefixes(full):
         weights, biases = {}, {}
         if factorized:
-            a = full[pre + "linear_a.weight"].view(h, len(factorized), r, d)        # rows: A^T per head
-            for i, p in enumerate(factorized):
-                b = full[pre + f"linear_b_{p}.weight"]                              # [h, r, dh]
-                weights[p] = torch.einsum("hro,hri->hoi", b, a[:, i])               # [h, dh, d] = (A B)^T
-                biases[p] = full[pre + f"linear_b_{p}.bias"]                        # [h, dh]
+            a = group_split(full[pre + "linear_a.weight"], factorized, cfg, r)   # p: [heads, r, d], A^T per head
+            for p in factorized:
+                b = full[pre + f"linear_b_{p}.weight"]                           # [heads, r, dh]
+                weights[p] = torch.einsum("hro,hri->hoi", b, a[p])               # [heads, dh, d] = (A B)^T
+                if bias:
+                    biases[p] = full[pre + f"linear_b_{p}.bias"][:, :, None]     # [heads, dh, 1]
         if full_proj:
-            w = full[pre + "linear_qkv.weight"].view(h, len(full_proj), dh, d)
-            bias = full[pre + "linear_qkv.bias"].view(h, len(full_proj), dh)
-            for i, p in enumerate(full_proj):
-                weights[p], biases[p] = w[:, i], bias[:, i]
-        out[pre + "linear_qkv.weight"] = torch.stack([weights[p] for p in "qkv"], dim=1).reshape(3 * d, d)
-        out[pre + "linear_qkv.bias"] = torch.stack([biases[p] for p in "qkv"], dim=1).reshape(3 * d)
+            weights.update(group_split(full[pre + "linear_qkv.weight"], full_proj, cfg, dh))
+            if bias:
+                biases.update(group_split(full[pre + "linear_qkv.bias"][:, None], full_proj, cfg, dh))
+        out[pre + "linear_qkv.weight"] = group_join(weights, "qkv", cfg)
+        if bias:
+            out[pre + "linear_qkv.bias"] = group_join(biases, "qkv", cfg)[:, 0]
         if "o" in cfg.mlra.factorize:
-            a_o = full[pre + "linear_proj.linear_a.weight"]                         # [h, dh, r]
-            b_o = full[pre + "linear_proj.linear_b.weight"].view(d, h, r)           # [d, h, r]
+            a_o = full[pre + "linear_proj.linear_a.weight"]                      # [h, dh, r]
+            b_o = full[pre + "linear_proj.linear_b.weight"].view(d, h, r)        # [d, h, r]
             out[pre + "linear_proj.weight"] = torch.einsum("dhr,hir->dhi", b_o, a_o).reshape(d, h * dh)
-            out[pre + "linear_proj.bias"] = full[pre + "linear_proj.linear_b.bias"]
+            if bias:
+                out[pre + "linear_proj.bias"] = full[pre + "linear_proj.linear_b.bias"]
         else:
             out[pre + "linear_proj.weight"] = full[pre + "linear_proj.weight"]
-            out[pre + "linear_proj.bias"] = full[pre + "linear_proj.bias"]
+            if bias:
+                out[pre + "linear_proj.bias"] = full[pre + "linear_proj.bias"]
     return out
 
 
@@ -140,6 +175,7 @@ def mha_to_mlra(full: dict[str, Tensor], cfg: ModelConfig) -> tuple[dict[str, Te
     """The MLRA state dict closest to an MHA one: each head's factorized projection W_h replaced by
     its truncated SVD at rank r (exact at r >= its rank, e.g. r = d_head), and the relative
     reconstruction error ||W - A B|| / ||W|| of each layer's factorized projections together.
+    With grouped-query attention, k and v are factored per key/value head.
 
     Input: a full MHA state dict (megatron's QKV layout); output: the state dict of `cfg`
     (`attention = "mlra"`), the inverse of `mlra_to_mha` where that is exact.
@@ -147,30 +183,30 @@ def mha_to_mlra(full: dict[str, Tensor], cfg: ModelConfig) -> tuple[dict[str, Te
     h, dh, d, r = cfg.num_heads, cfg.head_dim, cfg.hidden_size, cfg.mlra_rank
     factorized = [p for p in ("q", "k", "v") if p in cfg.mlra.factorize]
     full_proj = [p for p in ("q", "k", "v") if p not in cfg.mlra.factorize]
-    prefixes = sorted({k.rsplit("self_attention.", 1)[0] + "self_attention." for k in full if "self_attention." in k},
-                      key=lambda p: int(p.split("layers.")[1].split(".")[0]) if "layers." in p else -1)
+    bias = cfg.arch == "gpt2"
     out = {k: v for k, v in full.items() if "self_attention." not in k}
     errors = []
-    for pre in prefixes:
-        w = full[pre + "linear_qkv.weight"].view(h, 3, dh, d)
-        bias = full[pre + "linear_qkv.bias"].view(h, 3, dh)
+    for pre in _attention_prefixes(full):
+        w = group_split(full[pre + "linear_qkv.weight"], "qkv", cfg, dh)                # p: [heads, dh, d]
+        b = group_split(full[pre + "linear_qkv.bias"][:, None], "qkv", cfg, dh) if bias else {}
         lost, total = 0.0, 0.0
         if factorized:
-            a = torch.zeros(h, len(factorized), r, d)
-            for i, p in enumerate(factorized):
-                j = "qkv".index(p)
-                b = torch.zeros(h, r, dh)
-                for head in range(h):
-                    left, right, gone = _low_rank(w[head, j], r)        # W_h [dh, d] = left [dh, r] right [r, d]
-                    b[head], a[head, i] = left.t(), right
-                    lost, total = lost + gone, total + float(w[head, j].double().pow(2).sum())
-                out[pre + f"linear_b_{p}.weight"] = b
-                out[pre + f"linear_b_{p}.bias"] = bias[:, j].clone()
-            out[pre + "linear_a.weight"] = a.reshape(h * len(factorized) * r, d)
+            a = {}
+            for p in factorized:
+                heads = w[p].shape[0]
+                a[p], b_p = torch.zeros(heads, r, d), torch.zeros(heads, r, dh)
+                for head in range(heads):
+                    left, right, gone = _low_rank(w[p][head], r)        # W_h [dh, d] = left [dh, r] right [r, d]
+                    b_p[head], a[p][head] = left.t(), right
+                    lost, total = lost + gone, total + float(w[p][head].double().pow(2).sum())
+                out[pre + f"linear_b_{p}.weight"] = b_p
+                if bias:
+                    out[pre + f"linear_b_{p}.bias"] = b[p][:, :, 0].clone()
+            out[pre + "linear_a.weight"] = group_join(a, factorized, cfg)
         if full_proj:
-            idx = ["qkv".index(p) for p in full_proj]
-            out[pre + "linear_qkv.weight"] = w[:, idx].reshape(h * len(full_proj) * dh, d).clone()
-            out[pre + "linear_qkv.bias"] = bias[:, idx].reshape(h * len(full_proj) * dh).clone()
+            out[pre + "linear_qkv.weight"] = group_join(w, full_proj, cfg).clone()
+            if bias:
+                out[pre + "linear_qkv.bias"] = group_join(b, full_proj, cfg)[:, 0].clone()
         w_o = full[pre + "linear_proj.weight"]
         if "o" in cfg.mlra.factorize:
             per_head = w_o.view(d, h, dh)
@@ -181,9 +217,11 @@ def mha_to_mlra(full: dict[str, Tensor], cfg: ModelConfig) -> tuple[dict[str, Te
                 lost, total = lost + gone, total + float(per_head[:, head].double().pow(2).sum())
             out[pre + "linear_proj.linear_a.weight"] = a_o
             out[pre + "linear_proj.linear_b.weight"] = b_o.reshape(d, h * r)
-            out[pre + "linear_proj.linear_b.bias"] = full[pre + "linear_proj.bias"].clone()
+            if bias:
+                out[pre + "linear_proj.linear_b.bias"] = full[pre + "linear_proj.bias"].clone()
         else:
             out[pre + "linear_proj.weight"] = w_o.clone()
-            out[pre + "linear_proj.bias"] = full[pre + "linear_proj.bias"].clone()
+            if bias:
+                out[pre + "linear_proj.bias"] = full[pre + "linear_proj.bias"].clone()
         errors.append((lost / total) ** 0.5 if total else 0.0)
     return out, errors

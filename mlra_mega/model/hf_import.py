@@ -60,7 +60,7 @@ def _check_shape(config: dict, cfg: ModelConfig) -> None:
     want = {"n_layer": (cfg.num_layers, "model.num_layers"), "n_embd": (cfg.hidden_size, "model.hidden_size"),
             "n_head": (cfg.num_heads, "model.num_heads"),
             "n_inner": (cfg.ffn_size, "model.ffn_hidden_size"),
-            "tie_word_embeddings": (cfg.tie_embeddings, "model.tie_embeddings")}
+            "tie_word_embeddings": (cfg.tied_embeddings, "model.tie_embeddings")}
     have = dict(config)
     if have.get("n_inner") is None:
         have["n_inner"] = 4 * have.get("n_embd", 0)
@@ -93,7 +93,7 @@ def init_from_hf(path: str | Path, cfg: ModelConfig) -> tuple[dict[str, Tensor],
     from mlra_mega.model.convert import mha_to_mlra
     from mlra_mega.model.hf import LAYER_NAMES
 
-    if cfg.embedding == "scaled" and cfg.tie_embeddings:
+    if cfg.embedding == "scaled" and cfg.tied_embeddings:
         raise ConfigError("model.embedding", "Scaled Embed with tied embeddings cannot start from GPT-2 weights: "
                           "dividing the shared matrix by sqrt(d) would also scale the logits",
                           "use model.tie_embeddings=false with Scaled Embed")
@@ -108,7 +108,7 @@ def init_from_hf(path: str | Path, cfg: ModelConfig) -> tuple[dict[str, Tensor],
         "decoder.final_layernorm.weight": t["transformer.ln_f.weight"],
         "decoder.final_layernorm.bias": t["transformer.ln_f.bias"],
     }
-    if not cfg.tie_embeddings:
+    if not cfg.tied_embeddings:
         full["output_layer.weight"] = _pad_rows(t["lm_head.weight"], rows)
     for i in range(cfg.num_layers):
         src, dst = f"transformer.h.{i}.", f"decoder.layers.{i}."

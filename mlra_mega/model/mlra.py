@@ -93,7 +93,15 @@ class MLRAOutputProjection(torch.nn.Module):
 
 
 class MLRASelfAttention(Attention):
-    """megatron-core self-attention with per-head low-rank Q/K/V (and optionally O) factors."""
+    """megatron-core self-attention with per-head low-rank Q/K/V (and optionally O) factors.
+
+    With grouped-query attention (llama blocks, `num_query_groups` < heads) q is factored per
+    query head and k, v per key/value head. The A factors and the unfactorized projections are
+    laid out group by group (each group's q heads, then its k, then its v), megatron's own QKV
+    order, so TP, which splits whole groups, cuts them contiguously; with one group per head this
+    is the per-head [q, k, v] order. Rotary positions are applied by megatron to the q and k this
+    returns, i.e. after the low-rank projections.
+    """
 
     def __init__(self, config, submodules: SelfAttentionSubmodules, layer_number: int,
                  attn_mask_type: AttnMaskType = AttnMaskType.causal, cp_comm_type: str | None = None,
@@ -101,48 +109,57 @@ class MLRASelfAttention(Attention):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          attn_mask_type=attn_mask_type, attention_type="self", cp_comm_type=cp_comm_type,
                          pg_collection=pg_collection)
-        if config.num_query_groups != config.num_attention_heads:
-            raise ValueError("MLRA is multi-head attention: num_query_groups must equal num_attention_heads")
-        heads, head_dim = config.num_attention_heads, self.hidden_size_per_attention_head
+        heads, groups = config.num_attention_heads, config.num_query_groups
+        if heads % groups:
+            raise ValueError(f"num_query_groups {groups} must divide num_attention_heads {heads}")
+        head_dim = self.hidden_size_per_attention_head
         self.rank = rank
         self.factorized = tuple(p for p in ("q", "k", "v") if p in factorize)
         self.full = tuple(p for p in ("q", "k", "v") if p not in factorize)
+        per_group = heads // groups
+        # Heads of each projection in one query group: q has per_group, k and v one each.
+        self.group_heads = {"q": per_group, "k": 1, "v": 1}
         init = _normal(qkv_init_std)
 
         self.linear_a = None
         if self.factorized:
+            width = groups * sum(self.group_heads[p] for p in self.factorized) * rank
             self.linear_a = ColumnParallelLinear(
-                config.hidden_size, heads * len(self.factorized) * rank, config=config, init_method=init,
+                config.hidden_size, width, config=config, init_method=init,
                 bias=False, gather_output=False, skip_bias_add=False, is_expert=False, tp_group=self.tp_group)
         # One HeadwiseLinear per factorized projection: named linear_b_q, linear_b_k, linear_b_v.
         for p in self.factorized:
-            self.add_module(f"linear_b_{p}", HeadwiseLinear(heads, rank, head_dim, bias=config.add_bias_linear,
-                                                            init_std=qkv_init_std, params_dtype=config.params_dtype))
+            self.add_module(f"linear_b_{p}", HeadwiseLinear(groups * self.group_heads[p], rank, head_dim,
+                                                            bias=config.add_bias_linear, init_std=qkv_init_std,
+                                                            params_dtype=config.params_dtype))
         self.linear_qkv = None
         if self.full:
+            width = groups * sum(self.group_heads[p] for p in self.full) * head_dim
             self.linear_qkv = ColumnParallelLinear(
-                config.hidden_size, heads * len(self.full) * head_dim, config=config, init_method=init,
+                config.hidden_size, width, config=config, init_method=init,
                 bias=config.add_bias_linear, gather_output=False, skip_bias_add=False, is_expert=False,
                 tp_group=self.tp_group)
         self.q_layernorm = None
         self.k_layernorm = None
+
+    def _split_groups(self, mixed: Tensor, names: tuple[str, ...], size: int) -> dict[str, Tensor]:
+        """[s, b, groups * (...)] in group order -> {projection: [s, b, its heads, size]}."""
+        groups = self.num_query_groups_per_partition
+        mixed = mixed.view(*mixed.shape[:2], groups, -1)
+        parts = torch.split(mixed, [self.group_heads[p] * size for p in names], dim=-1)
+        return {p: t.reshape(*t.shape[:2], groups * self.group_heads[p], size) for p, t in zip(names, parts)}
 
     def get_query_key_value_tensors(self, hidden_states: Tensor, key_value_states: Tensor | None = None,
                                     output_gate: bool = False, split_qkv: bool = True):
         if output_gate or not split_qkv:
             raise NotImplementedError("MLRA supports neither output gates nor fused QKV-RoPE")
         # Shapes from the projections' outputs: under sequence parallelism they gather the sequence.
-        heads = self.num_attention_heads_per_partition
         out: dict[str, Tensor] = {}
         if self.linear_a is not None:
             low, _ = self.linear_a(hidden_states)
-            low = low.view(*low.shape[:2], heads, len(self.factorized), self.rank)
-            for i, p in enumerate(self.factorized):
-                out[p] = getattr(self, f"linear_b_{p}")(low[:, :, :, i])
+            for p, t in self._split_groups(low, self.factorized, self.rank).items():
+                out[p] = getattr(self, f"linear_b_{p}")(t)
         if self.linear_qkv is not None:
             mixed, _ = self.linear_qkv(hidden_states)
-            mixed = mixed.view(*mixed.shape[:2], heads, len(self.full), self.hidden_size_per_attention_head)
-            for i, p in enumerate(self.full):
-                out[p] = mixed[:, :, :, i]
+            out.update(self._split_groups(mixed, self.full, self.hidden_size_per_attention_head))
         return out["q"].contiguous(), out["k"].contiguous(), out["v"].contiguous()
-

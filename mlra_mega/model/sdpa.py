@@ -3,7 +3,8 @@
 Takes query / key / value as [s, b, heads, d_head] (this rank's heads) and returns
 [s, b, heads * d_head], like megatron's DotProductAttention, with the causal mask built in
 (aligned to the last key when a KV cache holds more keys than there are queries; none for a
-decoding step, which megatron marks `no_mask`).
+decoding step, which megatron marks `no_mask`). Fewer key/value heads than query heads
+(grouped-query attention) are shared by consecutive query heads, as megatron's layout groups them.
 Attention dropout draws from the tensor-parallel RNG stream, as megatron's does, since the
 heads differ across TP ranks.
 """
@@ -41,6 +42,7 @@ class SDPAttention(MegatronModule):
         s, b, h, d = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
         p = self.dropout_p if self.training else 0.0
+        gqa = {"enable_gqa": True} if key.shape[2] != h else {}  # fewer key/value heads (llama's GQA)
         causal, mask = True, None
         if attn_mask_type == AttnMaskType.no_mask:  # decoding with a KV cache: the new token sees all
             causal = False
@@ -52,7 +54,7 @@ class SDPAttention(MegatronModule):
         if p > 0:
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,
-                                                     scale=self.scale)
+                                                     scale=self.scale, **gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, **gqa)
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)

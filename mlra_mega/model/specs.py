@@ -1,8 +1,10 @@
-"""ModuleSpecs: which attention (and core-attention backend) each variant's layers use.
+"""ModuleSpecs: which attention (and core-attention backend), norm and MLP each variant's layers use.
 
-Everything but the self-attention and the norms is megatron-core's local GPT layer (Pre-LN, MLP,
-bias-dropout-add). `mha` is megatron's SelfAttention; `mlra` is `MLRASelfAttention`; the norms
-are `norm.LayerNorm`, which also serves sequence parallelism.
+Everything but the self-attention, the norms and (for llama) the MLP's first projection is
+megatron-core's local GPT layer (Pre-LN, MLP, bias-dropout-add). `mha` is megatron's
+SelfAttention (grouped-query with llama's `num_kv_heads`); `mlra` is `MLRASelfAttention`; the
+norms are `norm.LayerNorm` (gpt2) or `norm.RMSNorm` (llama), which also serve sequence
+parallelism; llama's SwiGLU MLP takes its [gate; up] projection from `swiglu`.
 """
 
 from __future__ import annotations
@@ -14,14 +16,16 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from mlra_mega.config import ModelConfig
 from mlra_mega.errors import ConfigError
 from mlra_mega.model.mlra import MLRAOutputProjection, MLRASelfAttention
-from mlra_mega.model.norm import LayerNorm
+from mlra_mega.model.norm import norm_class
 from mlra_mega.model.sdpa import SDPAttention
+from mlra_mega.model.swiglu import GatedColumnParallelLinear
 
 __all__ = ["layer_spec", "block_spec", "core_attention_class", "QKVColumnParallelLinear"]
 
@@ -78,17 +82,21 @@ def _attention_spec(cfg: ModelConfig) -> ModuleSpec:
 
 
 def layer_spec(cfg: ModelConfig) -> ModuleSpec:
-    """megatron's local GPT layer with this variant's self-attention and our LayerNorm."""
+    """megatron's local GPT layer with this variant's self-attention, our norms and (llama) the
+    SwiGLU MLP."""
     spec = get_gpt_layer_local_spec()
     spec.submodules.self_attention = _attention_spec(cfg)
-    spec.submodules.input_layernorm = LayerNorm
-    spec.submodules.pre_mlp_layernorm = LayerNorm
+    spec.submodules.input_layernorm = norm_class(cfg.arch)
+    spec.submodules.pre_mlp_layernorm = norm_class(cfg.arch)
+    if cfg.arch == "llama":
+        spec.submodules.mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(
+            linear_fc1=GatedColumnParallelLinear, linear_fc2=RowParallelLinear))
     return spec
 
 
 def block_spec(cfg: ModelConfig, num_layers: int | None = None) -> TransformerBlockSubmodules:
     """The decoder (or one pipeline stage's part of it): `num_layers` (default all) of
-    `layer_spec`, and our LayerNorm as the final norm. TransformerBlock builds every spec it is
+    `layer_spec`, and the block type's norm as the final norm. TransformerBlock builds every spec it is
     given, so a stage lists only its own layers."""
     n = cfg.num_layers if num_layers is None else num_layers
-    return TransformerBlockSubmodules(layer_specs=[layer_spec(cfg)] * n, layer_norm=LayerNorm)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(cfg)] * n, layer_norm=norm_class(cfg.arch))

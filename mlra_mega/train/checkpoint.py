@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mlra_mega.config import CheckpointConfig, ConfigError, flatten
+from mlra_mega.config import CheckpointConfig, ConfigError, model_identity
 from mlra_mega import distributed
 from mlra_mega.distributed import ParallelContext
 from mlra_mega.errors import DataError, MlraMegaError
@@ -437,8 +437,7 @@ class Checkpointer(Callback):
     def _check_compatible(self, ckpt: Checkpoint, sidecar: dict[str, Any]) -> None:
         """The checkpoint's model is this run's, or a ConfigError naming what differs (its layout
         may differ: it is resharded)."""
-        saved = {k: v for k, v in flatten(sidecar["config"]).items() if k.startswith("model.")}
-        current = {k: v for k, v in flatten(self.config).items() if k.startswith("model.")}
+        saved, current = model_identity(sidecar["config"]), model_identity(self.config)
         differ = [f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
                   if saved.get(k) != current.get(k)]
         if differ:

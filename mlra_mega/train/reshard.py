@@ -39,7 +39,7 @@ def reshard(checkpoint: str | Path, output: str | Path, tensor: int, pipeline: i
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tied = cfg.model.tie_embeddings
+    tied = cfg.model.tied_embeddings
     for t in range(tensor):
         sliced = slice_state(full, tensor, t, ckpt.path)
         for stage in range(pipeline):

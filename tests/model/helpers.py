@@ -24,12 +24,35 @@ VARIANTS = [
 ]
 
 
+# Llama blocks, 8 heads: (attention, key/value heads, factorize, rank, backend). TP must divide the
+# key/value heads, so each runs at the TP sizes that allow it (kv 8 and 4 at TP 1/2/4, 2 at TP
+# 1/2, 1 at TP 1).
+LLAMA_VARIANTS = [
+    (att, kv, ("q", "k", "v"), None, "local") for att in ("mha", "mlra") for kv in (8, 4, 2, 1)
+] + [
+    ("mlra", 2, ("q", "k", "v", "o"), 4, "sdpa"),
+    ("mlra", 4, ("k", "v"), 4, "local"),
+    ("mha", 2, ("q", "k", "v"), None, "sdpa"),
+]
+
+
+def llama_id(v: tuple) -> str:
+    att, kv, fac, rank, backend = v
+    return f"llama-{att}-kv{kv}-{''.join(fac)}-r{rank}-{backend}"
+
+
+def llama_cfg(v: tuple) -> ModelConfig:
+    att, kv, fac, rank, backend = v
+    return tiny_cfg(att, tied=None, factorize=fac, rank=rank, backend=backend, arch="llama", num_heads=8,
+                    num_kv_heads=kv)
+
+
 def variant_id(v: tuple) -> str:
     att, emb, tied, fac, rank, backend = v
     return f"{att}-{emb}-{'tied' if tied else 'untied'}-{''.join(fac)}-r{rank}-{backend}"
 
 
-def tiny_cfg(attention: str = "mha", embedding: str = "vanilla", tied: bool = True,
+def tiny_cfg(attention: str = "mha", embedding: str = "vanilla", tied: bool | None = True,
              factorize: tuple[str, ...] = ("q", "k", "v"), rank: int | None = None, backend: str = "local",
              **overrides) -> ModelConfig:
     cfg = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, vocab_size=VOCAB, seq_length=SEQ,

@@ -33,7 +33,7 @@ def test_export_gives_our_logits(tp1: None, case: dict) -> None:
     ids, positions, _ = tokens()
     ours = model(ids, positions, None)
     hf = to_hf(model, cfg)
-    assert hf.config.vocab_size == cfg.padded_vocab_size > VOCAB and hf.config.tie_word_embeddings == cfg.tie_embeddings
+    assert hf.config.vocab_size == cfg.padded_vocab_size > VOCAB and hf.config.tie_word_embeddings == cfg.tied_embeddings
     with torch.no_grad():
         theirs = hf(ids).logits
     assert theirs.shape == ours.shape
@@ -133,3 +133,42 @@ def init_from_at_tp2() -> dict[str, float]:
 def test_init_from_at_tp2_loads_each_ranks_shards() -> None:
     for errs in dist_result(__name__, 2, "init_from_at_tp2"):
         assert errs == {"mha": 0.0, "mlra": 0.0}
+
+
+# Llama blocks on an odd shape: hidden 96, 3 heads of 32, one key/value head (multi-query), a
+# vocabulary of 301 padded to 384, a non-default rotary base; MHA and MLRA (whose k and v are one
+# factored head each).
+LLAMA_ODD = dict(num_layers=2, hidden_size=96, num_heads=3, num_kv_heads=1, vocab_size=301, rotary_base=5000.0)
+
+LLAMA_EXPORTABLE = [
+    dict(attention="mha"),
+    dict(attention="mha", tied=True),
+    dict(attention="mlra"),
+    dict(attention="mlra", factorize=("q", "k", "v", "o"), rank=8),
+    dict(attention="mlra", factorize=("k",), rank=4, embedding="scaled"),
+    dict(attention="mha", num_kv_heads=3, backend="sdpa"),
+]
+
+
+@pytest.mark.parametrize("case", LLAMA_EXPORTABLE, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_llama_export_gives_our_logits(tp1: None, case: dict) -> None:
+    from transformers import LlamaForCausalLM
+
+    case = dict(case)
+    tied = case.pop("tied", None)
+    cfg = tiny_cfg(**{**LLAMA_ODD, "arch": "llama", "tied": tied, **case})
+    assert cfg.tied_embeddings is bool(tied)  # llama's default: untied
+    model = build_model(cfg).eval()
+    load_shard(model, large_weights(model, std=0.2))
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 301, (2, 19), generator=g)
+    positions = torch.arange(19).unsqueeze(0).expand(2, -1)
+    with torch.no_grad():
+        ours = model(ids, positions, None)
+    hf = to_hf(model, cfg)
+    assert isinstance(hf, LlamaForCausalLM)
+    assert (hf.config.vocab_size, hf.config.num_key_value_heads) == (384, cfg.kv_heads)
+    with torch.no_grad():
+        theirs = hf(ids).logits
+    assert theirs.shape == ours.shape == (2, 19, 384)
+    assert (theirs - ours).abs().max().item() <= TOL, (theirs - ours).abs().max().item()

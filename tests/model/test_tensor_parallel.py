@@ -1,4 +1,6 @@
-"""TP = 2 and 4 compute the TP = 1 function: logits and every gathered gradient, every variant.
+"""TP = 2 and 4 compute the TP = 1 function: logits and every gathered gradient, every variant,
+in gpt2 blocks and in llama blocks (grouped-query attention at every key/value-head count the TP
+size allows, MHA and MLRA).
 
 Each case builds the TP = 1 model and the TP = W model on every rank of a W-process launch,
 loads the same full weights (drawn at std 0.3) into both, the TP = W one through the converter,
@@ -12,7 +14,7 @@ from __future__ import annotations
 import pytest
 
 from tests.dist import dist_case, dist_result
-from tests.model.helpers import VARIANTS, tiny_cfg, variant_id
+from tests.model.helpers import LLAMA_VARIANTS, VARIANTS, llama_cfg, llama_id, tiny_cfg, variant_id
 
 pytestmark = pytest.mark.slow  # every test here launches processes
 
@@ -76,13 +78,15 @@ def equivalence() -> dict[str, tuple[float, float, int]]:
 
     world = dist.get_world_size()
     out = {}
-    cfgs = [tiny_cfg(*v) for v in VARIANTS]
+    llama = [v for v in LLAMA_VARIANTS if v[1] % world == 0]
+    cfgs = [tiny_cfg(*v) for v in VARIANTS] + [llama_cfg(v) for v in llama]
+    ids = [variant_id(v) for v in VARIANTS] + [llama_id(v) for v in llama]
     refs = _run_many(cfgs, 1, [None] * len(cfgs))
     runs = _run_many(cfgs, world, [full for _, _, full in refs])
-    for v, (ref_logits, ref_grads, _), (logits, grads, _) in zip(VARIANTS, refs, runs):
+    for name, (ref_logits, ref_grads, _), (logits, grads, _) in zip(ids, refs, runs):
         assert set(grads) == set(ref_grads)
         grad_err = max((grads[n] - ref_grads[n]).abs().max().item() for n in ref_grads)
-        out[variant_id(v)] = ((logits - ref_logits).abs().max().item(), grad_err, len(grads))
+        out[name] = ((logits - ref_logits).abs().max().item(), grad_err, len(grads))
     return out
 
 
@@ -110,6 +114,12 @@ def test_tp_matches_tp1(tp: int, variant: str) -> None:
         assert n_params > 10
         assert logit_err <= TOL, f"logits differ by {logit_err:.2e} at TP={tp}"
         assert grad_err <= TOL, f"a gradient differs by {grad_err:.2e} at TP={tp}"
+
+
+@pytest.mark.parametrize("tp,variant", [(tp, llama_id(v)) for tp in (2, 4) for v in LLAMA_VARIANTS
+                                        if v[1] % tp == 0])  # the rest is refused (test_config)
+def test_llama_tp_matches_tp1(tp: int, variant: str) -> None:
+    test_tp_matches_tp1(tp, variant)
 
 
 def test_permuted_head_layout_is_caught() -> None:
