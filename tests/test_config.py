@@ -56,6 +56,21 @@ def test_derived_model_sizes() -> None:
     m = ModelConfig(hidden_size=768, num_heads=12, vocab_size=50257, seq_length=256)
     assert m.head_dim == 64 and m.mlra_rank == 64 and m.ffn_size == 3072 and m.max_positions == 256
     assert m.padded_vocab_size == 50304  # ceil(50257 / 128) * 128
+    assert m.tied_embeddings and m.learned_positions and m.kv_heads == 12
+
+
+def test_llama_defaults_follow_the_block_type() -> None:
+    m = ModelConfig(arch="llama", hidden_size=4096, num_heads=32, num_kv_heads=8)
+    assert m.ffn_size == 11008  # Llama's: 8/3 d rounded up to a multiple of 256
+    assert not m.tied_embeddings and not m.learned_positions and m.kv_heads == 8
+    assert ModelConfig(arch="llama", hidden_size=768, num_heads=12).ffn_size == 2048
+    assert ModelConfig(arch="llama", tie_embeddings=True).tied_embeddings
+    # A checkpoint written before `arch` existed compares equal to today's gpt2 config of it.
+    from mlra_mega.config import model_identity
+
+    old = {"model": {"num_layers": 2, "tie_embeddings": True}}
+    assert model_identity(old) == model_identity({"model": {"num_layers": 2, "arch": "gpt2"}})
+    assert model_identity(old) != model_identity({"model": {"num_layers": 2, "arch": "llama"}})
 
 
 def test_to_dict_and_flatten_round_trip(tmp_path: Path) -> None:
@@ -104,6 +119,13 @@ ERROR_CASES = [
     (["model.vocab_size=1000", "model.vocab_multiple=6", "model.num_heads=4", "model.hidden_size=64",
       "parallel.tensor=4"], "parallel.tensor", "padded vocabulary"),
     (["metrics.tev_interval=-1"], "metrics.tev_interval", "must be >= 0"),
+    (["model.arch=lama"], "model.arch", "did you mean 'llama'"),
+    (["model.num_kv_heads=4"], "model.num_kv_heads", "set model.arch=llama"),
+    (["model.arch=llama", "model.num_kv_heads=5"], "model.num_kv_heads", "do not divide num_heads 12"),
+    (["model.arch=llama", "model.hidden_size=60", "model.num_heads=4"], "model.num_heads", "even head size"),
+    (["model.arch=llama", "model.rotary_base=0"], "model.rotary_base", "must be > 0"),
+    (["model.arch=llama", "model.num_heads=8", "model.hidden_size=64", "model.num_kv_heads=2", "parallel.tensor=4"],
+     "parallel.tensor", "does not divide model.num_kv_heads 2"),
     (["model=3"], "model", "expected a mapping"),
     (["model.hidden_size.x=3"], "model.hidden_size", "not a section"),
     (["steps"], "override", "section.key=value"),
@@ -141,7 +163,7 @@ def test_every_key_has_a_help_and_config_keys_lists_them(capsys: pytest.CaptureF
     assert ("train.steps", "int", 100, "optimizer steps of the run") in described
     assert main(["config", "--keys"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == len(described) and lines[0].startswith("model.num_layers")
+    assert len(lines) == len(described) and lines[0].startswith("model.arch")
     assert any(line.startswith("model.attention ") and "mha|mlra" in line for line in lines)
 
 

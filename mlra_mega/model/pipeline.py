@@ -74,7 +74,8 @@ def replay_init_before_stage(cfg: ModelConfig, tcfg, layers_before: int, first_s
     with torch.no_grad():
         del_me = LanguageModelEmbedding(config=one_stage, vocab_size=cfg.padded_vocab_size,
                                         max_sequence_length=cfg.max_positions,
-                                        position_embedding_type="learned_absolute")
+                                        position_embedding_type="learned_absolute" if cfg.learned_positions
+                                        else "rope")
         del del_me
         spec = layer_spec(cfg)
         for number in range(1, layers_before + 1):

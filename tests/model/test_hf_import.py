@@ -65,6 +65,43 @@ def test_init_from_then_export_gives_the_weights_back(attention: str, tmp_path: 
         assert torch.allclose(got, want, atol=tol, rtol=0), (name, (got - want).abs().max().item())
 
 
+def llama_dir(path: Path, vocab: int = VOCAB, kv: int = 2, seed: int = 0, **extra) -> Path:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=kv, max_position_embeddings=64,
+                                      rms_norm_eps=1e-5, tie_word_embeddings=False, **extra)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():  # norms included: every tensor is non-trivial
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.mark.parametrize("attention", ["mha", "mlra"])
+def test_init_from_a_llama_directory_then_export_gives_the_weights_back(
+        attention: str, tmp_path: Path, tokenizer_dir: Path, sample_dataset: str) -> None:
+    from mlra_mega.export import export_hf
+    from mlra_mega.train.run import train
+
+    src = llama_dir(tmp_path / "llama")
+    run, lines = tmp_path / "run", []
+    train(load_config(None, overrides(tokenizer_dir, sample_dataset, run, *RUN, "model.arch=llama",
+                                      "model.num_kv_heads=2", f"model.attention={attention}",
+                                      f"model.init_from={src}")), log=lines.append)
+    assert any(line.startswith(f"[init] weights from {src} (Hugging Face Llama)") for line in lines), lines
+    if attention == "mlra":  # r = d_head: every head's SVD (k and v per key/value head) is exact
+        svd = [line for line in lines if "truncated SVD" in line]
+        assert svd and float(svd[0].rsplit("(max ", 1)[1].rstrip(")")) < 1e-6, svd
+    back = safetensors_of(export_hf(run, tmp_path / "hf", log=lambda s: None))
+    original = safetensors_of(src)
+    assert set(original) <= set(back)
+    for name, want in original.items():
+        got = back[name][:want.shape[0]] if "embed_tokens" in name or "lm_head" in name else back[name]
+        tol = 1e-5 if attention == "mlra" else 1e-6
+        assert torch.allclose(got, want, atol=tol, rtol=0), (name, (got - want).abs().max().item())
+
+
 def test_the_svd_error_is_that_of_the_discarded_singular_values(tmp_path: Path) -> None:
     from mlra_mega.model.hf_import import init_from_hf
     from tests.model.helpers import tiny_cfg
@@ -96,6 +133,11 @@ def test_what_does_not_fit_is_one_line(tmp_path: Path, tokenizer_dir: Path, samp
         return err.strip().splitlines()[-1]
 
     assert "vocabulary is 500, ours is 600" in refused(gpt2_dir(tmp_path / "v500", vocab=500))
+    assert "set model.arch=llama" in refused(llama_dir(tmp_path / "llama"))
+    assert "set model.num_kv_heads=1" in refused(llama_dir(tmp_path / "mqa", kv=1), "model.arch=llama",
+                                                 "model.num_kv_heads=2")
+    assert "set model.rotary_base=500000.0" in refused(llama_dir(tmp_path / "theta", rope_theta=500000.0),
+                                                       "model.arch=llama", "model.num_kv_heads=2")
     assert "model.hidden_size" in refused(gpt2_dir(tmp_path / "narrow"), "model.hidden_size=32",
                                           "model.num_heads=2")
     assert "model.tie_embeddings" in refused(gpt2_dir(tmp_path / "untied", tie_word_embeddings=False))

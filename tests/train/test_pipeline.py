@@ -36,13 +36,15 @@ VARIANTS = {
     "mha": ["model.attention=mha"],
     "mlra_scaled": ["model.attention=mlra", "model.embedding=scaled"],
     "mlra_embed_ln": ["model.attention=mlra", "model.embedding=layernorm"],
+    "llama_mlra_gqa": ["model.arch=llama", "model.attention=mlra", "model.num_kv_heads=2"],
 }
 # layout -> (world size, parallel overrides, variants)
 LAYOUTS = {
-    "pp2": (2, ["parallel.pipeline=2"], ["mlra", "mlra_untied", "mha", "mlra_scaled", "mlra_embed_ln"]),
+    "pp2": (2, ["parallel.pipeline=2"], ["mlra", "mlra_untied", "mha", "mlra_scaled", "mlra_embed_ln",
+                                         "llama_mlra_gqa"]),
     "pp2_uneven": (2, ["parallel.pipeline=2", "parallel.pipeline_layers=[1,3]"], ["mlra"]),
     "pp4": (4, ["parallel.pipeline=4"], ["mlra"]),
-    "tp2_pp2": (4, ["parallel.pipeline=2", "parallel.tensor=2"], ["mlra", "mlra_untied", "mha"]),
+    "tp2_pp2": (4, ["parallel.pipeline=2", "parallel.tensor=2"], ["mlra", "mlra_untied", "mha", "llama_mlra_gqa"]),
     "pp2_dp2": (4, ["parallel.pipeline=2"], ["mlra"]),
     "tp2_pp2_dp2": (8, ["parallel.pipeline=2", "parallel.tensor=2"], ["mlra"]),
 }
