@@ -154,7 +154,8 @@ def load_source(source: str | Path) -> Source:
                               "export it with `mlra-mega export-hf`")
         model = AutoModelForCausalLM.from_pretrained(path).float().eval()
         tok = load_tokenizer(path, getattr(model.config, "eos_token_id", None))
-        context = int(model.config.n_positions)
+        # GPT-2 names its context n_positions; Llama (and most others) max_position_embeddings.
+        context = int(getattr(model.config, "n_positions", None) or model.config.max_position_embeddings)
         return Source(_HFLM(model, context, tok.vocab_size), tok, tok.eod, context, f"{path} (Hugging Face)",
                       seq_length=int(getattr(model.config, "mlra_seq_length", context)))
 
@@ -168,7 +169,8 @@ def load_source(source: str | Path) -> Source:
     tok = load_tokenizer(ckpt.path / "tokenizer")
     context = cfg.model.max_position_embeddings or cfg.model.seq_length
     return Source(MegatronLM(model, context, tok.vocab_size), tok, tok.eod, context,
-                  f"{ckpt.path} ({cfg.model.attention}, {cfg.model.embedding} embedding, {cfg.model.num_layers} layers)",
+                  f"{ckpt.path} ({cfg.model.arch} blocks, {cfg.model.attention}, {cfg.model.embedding} embedding, "
+                  f"{cfg.model.num_layers} layers)",
                   seq_length=cfg.model.seq_length, step=int(read_sidecar(ckpt)["step"]),
                   run=TrackedRun(ckpt.root.parent, cfg))
 

@@ -108,3 +108,18 @@ def elastic_straight(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Pa
     straight = tmp_path_factory.mktemp("elastic-straight") / "run"
     torchrun(4, overrides(tokenizer_dir, sample_dataset, straight, *COMMON, "parallel.tensor=2", "checkpoint.async=true"))
     return straight
+
+
+@pytest.fixture(scope="session")
+def llama_run(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path, sample_dataset: str) -> Path:
+    """4 in-process steps of a llama-block MLRA model with grouped-query attention (2 key/value
+    heads for 4 query heads), untied, checkpointed at step 4: what generate and evaluate read."""
+    from mlra_mega.config import load_config
+    from mlra_mega.train.run import train
+    from tests.train.test_checkpoint import overrides
+
+    run = tmp_path_factory.mktemp("llama") / "run"
+    train(load_config(None, overrides(tokenizer_dir, sample_dataset, run, "model.arch=llama", "model.num_kv_heads=2",
+                                      "tracking.enabled=false", "train.steps=4", "checkpoint.interval=4",
+                                      "optim.lr=3e-3")), log=lambda s: None)
+    return run

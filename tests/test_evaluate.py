@@ -115,6 +115,24 @@ def test_text_perplexity_equals_the_export_and_the_validation_perplexity(runs: d
     assert evaluate_text(run, text, stride=16, quiet=True).windows > from_ckpt.windows
 
 
+def test_a_llama_checkpoint_evaluates_as_its_llama_export(llama_run: Path, tmp_path: Path) -> None:
+    from mlra_mega.evaluate import evaluate_tasks, evaluate_text
+    from mlra_mega.export import export_hf
+
+    text = tmp_path / "text.txt"
+    text.write_text("Return the number of items in the list.\nRaise an error if the path does not exist.\n" * 6)
+    hf = export_hf(llama_run, tmp_path / "hf", log=lambda s: None)
+    from_ckpt, from_hf = evaluate_text(llama_run, text, quiet=True), evaluate_text(hf, text, quiet=True)
+    assert from_hf.tokens == from_ckpt.tokens > 32 and from_hf.windows == from_ckpt.windows
+    assert from_hf.value == pytest.approx(from_ckpt.value, rel=1e-4)
+    ours = evaluate_tasks(llama_run, ["docstring_choice"], TASKS, output=tmp_path / "ours.json")
+    theirs = evaluate_tasks(hf, ["docstring_choice"], TASKS, output=tmp_path / "theirs.json")
+    lls = [r[0][0] for s in ours["samples"]["docstring_choice"] for r in s["resps"]]
+    assert len(lls) == 24
+    assert lls == pytest.approx([r[0][0] for s in theirs["samples"]["docstring_choice"] for r in s["resps"]],
+                                rel=1e-4, abs=1e-4)
+
+
 def _direct_loglikelihood(model, vocab: int, context: list[int], continuation: list[int]) -> float:
     ids = torch.tensor([context + continuation])
     with torch.no_grad():

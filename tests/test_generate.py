@@ -75,6 +75,21 @@ def test_greedy_from_a_tp2_checkpoint_equals_its_export_and_the_uncached_model(e
     assert first == tokens_of(hf, sampled), "the export sampled otherwise"
 
 
+def test_a_llama_checkpoint_generates_as_its_llama_export_and_the_uncached_model(llama_run: Path,
+                                                                                tmp_path: Path) -> None:
+    from mlra_mega.export import export_hf
+
+    hf = export_hf(llama_run, tmp_path / "hf", log=lambda s: None)
+    assert '"LlamaForCausalLM"' in (hf / "config.json").read_text()
+    greedy = SamplingOptions(max_new_tokens=NEW, temperature=0)
+    ours = tokens_of(llama_run, greedy)
+    assert len(ours) == NEW
+    assert ours == greedy_without_cache(llama_run), "rotary positions under the KV cache differ from a full forward"
+    assert ours == tokens_of(hf, greedy)
+    sampled = SamplingOptions(max_new_tokens=NEW, temperature=1.0, top_k=40, top_p=0.95, seed=7)
+    assert tokens_of(llama_run, sampled) == tokens_of(hf, sampled), "the export sampled otherwise"
+
+
 @pytest.mark.parametrize("embedding", ["layernorm", "scaled"])
 def test_embed_ln_and_tied_scaled_embed_checkpoints_generate(embedding: str, tmp_path: Path, tokenizer_dir: Path,
                                                              sample_dataset: str) -> None:
