@@ -66,18 +66,27 @@ class Estimate:
 def _layer_numel(cfg: RunConfig) -> tuple[int, int]:
     """(TP-sharded, whole) parameters of one transformer layer at TP = 1."""
     m = cfg.model
-    d, f, h, dh, r = m.hidden_size, m.ffn_size, m.num_heads, m.head_dim, m.mlra_rank
-    sharded = d * f + f + f * d  # MLP: fc1 weight and bias, fc2 weight
-    whole = 4 * d + d  # two LayerNorms, fc2 bias
+    d, f, dh, r = m.hidden_size, m.ffn_size, m.head_dim, m.mlra_rank
+    heads = {"q": m.num_heads, "k": m.kv_heads, "v": m.kv_heads}
+    bias = m.arch == "gpt2"
+    if bias:
+        sharded = d * f + f + f * d  # MLP: fc1 weight and bias, fc2 weight
+        whole = 4 * d + d  # two LayerNorms, fc2 bias
+    else:
+        sharded = 3 * d * f  # SwiGLU: gate, up, down
+        whole = 2 * d  # two RMSNorms
     factor = set(m.mlra.factorize) if m.attention == "mlra" else set()
-    nf = len(factor & {"q", "k", "v"})
-    sharded += d * h * nf * r + nf * (h * r * dh + h * dh)  # A for the factorized, per-head B with bias
-    sharded += (3 - nf) * (d * h * dh + h * dh)  # the plain projections among q, k, v
+    for p, n in heads.items():
+        if p in factor:
+            sharded += d * n * r + n * r * dh + bias * n * dh  # A, per-head B (with its bias)
+        else:
+            sharded += d * n * dh + bias * n * dh
+    h = m.num_heads
     if "o" in factor:
         sharded += h * dh * r + h * r * d  # per-head A^O, row-parallel B^O
     else:
         sharded += h * dh * d
-    whole += d  # the output projection's bias
+    whole += bias * d  # the output projection's bias
     return sharded, whole
 
 
@@ -90,9 +99,10 @@ def stage_numel(cfg: RunConfig, tp: int, pp: int, stage: int) -> tuple[int, int]
     layers = split[stage] * (sharded // tp + whole)
     other = 0
     if stage == 0:
-        other += v * d // tp + m.max_positions * d + (2 * d if m.embedding == "layernorm" else 0)
+        other += v * d // tp + (m.max_positions * d if m.learned_positions else 0)
+        other += 2 * d if m.embedding == "layernorm" else 0
     if stage == pp - 1:
-        other += 2 * d
+        other += 2 * d if m.arch == "gpt2" else d  # the final LayerNorm / RMSNorm
         if not m.tied_embeddings or pp > 1:
             other += v * d // tp
     return layers, other
@@ -110,10 +120,20 @@ def layer_activation_bytes(cfg: RunConfig, tp: int, recompute: str, sequence_par
     factor = set(m.mlra.factorize) if m.attention == "mlra" else set()
     low_rank = len(factor & {"q", "k", "v"}) * a * r + (a * r if "o" in factor else 0)
     scores = a * s
-    stats = 2 * 2 * sb * 4 / whole_t  # two LayerNorms' mean and rstd, fp32
     if recompute == "full":
         return e * sb * d / whole_t
-    full = e * sb * (4 * d / whole_t + (4 * d + 2 * f + scores + low_rank) / tp) + stats
+    if m.arch == "llama":
+        # Measured on the built layer (tests/test_plan.py): q, k and v as projected, rotated and
+        # their rotate-half halves (4 d + 4 kv widths); SwiGLU keeps [gate; up], silu(gate),
+        # up + 0 (megatron's glu_linear_offset) and the product (5 f); RMSNorm one fp32 statistic
+        # per token; the rotary cos / sin tables of q and k (4 s d_head, whatever the batch).
+        kv = m.kv_heads * m.head_dim
+        stats = 2 * sb * 4 / whole_t
+        rope = 4 * s * m.head_dim * 4
+        full = e * sb * (4 * d / whole_t + (4 * d + 4 * kv + 5 * f + scores + low_rank) / tp) + stats + rope
+    else:
+        stats = 2 * 2 * sb * 4 / whole_t  # two LayerNorms' mean and rstd, fp32
+        full = e * sb * (4 * d / whole_t + (4 * d + 2 * f + scores + low_rank) / tp) + stats
     return full - e * sb * scores / tp if recompute == "selective" else full
 
 

@@ -2,8 +2,8 @@
 
 The multi-process measurements (TP, PP, DP, ZeRO) are in bench/plan_check.py and in
 tests/train/test_pipeline.py's 96-layer case; here: parameter counts of every variant against the
-built model, saved-activation bytes of one micro-batch against `SavedBytes` for both attentions
-and every recompute mode, the layout list's rules, and the command's output and refusals.
+built model, saved-activation bytes of one micro-batch against `SavedBytes` for both attentions,
+both block types and every recompute mode, the layout list's rules, and the command's output and refusals.
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ SMALL = ["model.vocab_size=600", "model.num_layers=4", "model.hidden_size=64", "
          "model.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=16"]
 VARIANTS = [[], ["model.attention=mlra"], ["model.tie_embeddings=false"],
             ["model.attention=mlra", "model.embedding=layernorm", "model.mlra.factorize=[q,k,v,o]",
-             "model.mlra.rank=8"], ["model.attention=mlra", "model.mlra.factorize=[k]", "model.mlra.rank=4"]]
+             "model.mlra.rank=8"], ["model.attention=mlra", "model.mlra.factorize=[k]", "model.mlra.rank=4"],
+            ["model.arch=llama", "model.num_kv_heads=2"],
+            ["model.arch=llama", "model.attention=mlra", "model.num_kv_heads=2", "model.mlra.factorize=[q,k,v,o]",
+             "model.mlra.rank=8"]]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +49,10 @@ def test_parameters_and_activations_match_the_built_model(extra: list[str], one_
             model(ids, torch.arange(32).unsqueeze(0).expand(2, 32), None, labels=ids).sum()
         predicted = activation_bytes(cfg, 1, 1, 0, recompute)
         assert abs(predicted / saved.bytes - 1) <= 0.15, (recompute, predicted, saved.bytes)
-        assert abs(predicted / saved.bytes - 1) <= 0.02  # in fact within 2% on this model
+        # In fact within 2% on this model; llama's selective recompute within 3% (what the recomputed
+        # core attention saves depends on how grouped-query heads are expanded, which the plan leaves out).
+        tol = 0.03 if recompute == "selective" and cfg.model.arch == "llama" else 0.02
+        assert abs(predicted / saved.bytes - 1) <= tol, (recompute, predicted, saved.bytes)
 
 
 def test_stage_parameters_split_the_model() -> None:
