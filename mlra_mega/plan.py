@@ -150,6 +150,8 @@ def activation_bytes(cfg: RunConfig, tp: int, pp: int, stage: int, recompute: st
         total += (e * sb * m.hidden_size + 2 * sb * 4) / (tp if sequence_parallel else 1)
     if stage == pp - 1:  # final norm in and out, the logits of this rank's vocabulary shard
         total += e * sb * 2 * m.hidden_size / (tp if sequence_parallel else 1) + e * sb * m.padded_vocab_size / tp
+        if m.arch == "llama":  # the final RMSNorm also keeps its normalised input; the rotary table
+            total += e * sb * m.hidden_size / (tp if sequence_parallel else 1) + 4 * m.seq_length * m.head_dim
     return total
 
 
