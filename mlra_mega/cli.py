@@ -60,7 +60,8 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
         print(line, flush=True)
 
     cfg = quickstart_config(args.overrides, log=log)
-    log(f"[quickstart] {cfg.model.num_layers}-layer {cfg.model.attention} GPT, hidden {cfg.model.hidden_size}, "
+    log(f"[quickstart] {cfg.model.num_layers}-layer {cfg.model.attention} GPT in {cfg.model.arch} blocks, "
+        f"hidden {cfg.model.hidden_size}, "
         f"{cfg.train.steps} steps on the sample corpus")
     history, run_dir = train(cfg, log=log)
     first, last = history[0], history[-1]

@@ -79,6 +79,13 @@ def test_quickstart_smoke_learns(tmp_path: Path, capsys: pytest.CaptureFixture[s
     # A second run reuses the tokenizer and dataset rather than making them again.
     assert main(["quickstart", "train.steps=1", f"run.root={tmp_path}"]) == 0
     assert "[tokenizer]" not in capsys.readouterr().out
+    # The quickstart in llama blocks (RMSNorm, SwiGLU, rotary, untied, grouped-query MLRA) learns too.
+    assert main(["quickstart", "model.arch=llama", "model.num_kv_heads=2", "train.steps=40", "train.log_interval=10",
+                 f"run.root={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "[quickstart] 2-layer mlra GPT in llama blocks" in out
+    loss, first = _losses(next(line for line in out.splitlines() if line.startswith("[quickstart] final loss")))
+    assert loss < first - 0.8
 
 
 def _losses(line: str) -> tuple[float, float]:

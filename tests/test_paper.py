@@ -20,11 +20,13 @@ PAPER = REPO / "configs" / "paper"
 
 @pytest.mark.parametrize("spec,count,depths", [("cpu-depth.yaml", 45, {4, 8, 16}), ("gpu-depth.yaml", 45, {12, 24, 48}),
                                                ("cpu-lr-probe.yaml", 7, {4}), ("ci-depth.yaml", 4, {2, 4}),
-                                               ("cpu-study.yaml", 36, {4, 16})])
+                                               ("cpu-study.yaml", 36, {4, 16}),
+                                               ("cpu-depth-llama.yaml", 45, {4, 8, 16})])
 def test_every_member_is_a_valid_config(spec: str, count: int, depths: set[int]) -> None:
     grid = members(load_spec(PAPER / spec, overrides=[] if spec == "cpu-study.yaml" else ["optim.lr=0.004"]))
     assert len(grid) == count and {m.cfg.model.num_layers for m in grid} == depths
     assert len({m.cfg.run.dir for m in grid}) == count
+    assert {m.cfg.model.arch for m in grid} == {"llama" if "llama" in spec else "gpt2"}
 
 
 def test_cpu_and_gpu_profiles_keep_the_depth_ratios() -> None:
@@ -36,21 +38,23 @@ def test_cpu_and_gpu_profiles_keep_the_depth_ratios() -> None:
 
 
 @pytest.mark.slow
-def test_ci_sized_study_runs_and_reports(tmp_path: Path, tokenizer_dir: Path, sample_dataset: str) -> None:
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_ci_sized_study_runs_and_reports(arch: str, tmp_path: Path, tokenizer_dir: Path, sample_dataset: str) -> None:
     from mlra_mega.report import build_report
     from mlra_mega.sweep import run_sweep
 
     start = time.time()
     spec = load_spec(PAPER / "ci-depth.yaml", overrides=[f"data.tokenizer={tokenizer_dir}",
                                                          f"data.paths=[{sample_dataset}]", f"run.root={tmp_path}",
-                                                         "data.split=98,2,0"])
+                                                         "data.split=98,2,0", f"model.arch={arch}"])
+    assert {m.cfg.model.arch for m in members(spec)} == {arch}
     assert [o[1] for o in run_sweep(spec, log=lambda s: None)] == ["done at step 6"] * 4
     report = build_report("ci-depth", f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "report", log=lambda s: None)
     text = report.read_text()
     for depth in (2, 4):
         for variant in ("vanilla", "mlra"):
             assert f"| {depth} | {variant} | 1 |" in text
-    print(f"\n[paper] CI-sized study: 4 runs and the report in {time.time() - start:.1f}s")
+    print(f"\n[paper] CI-sized study ({arch} blocks): 4 runs and the report in {time.time() - start:.1f}s")
 
 
 def _probe_run(root: Path, lr: float, losses: list[float], spikes: int = 0) -> None:
