@@ -24,26 +24,27 @@ VARIANTS = [
 ]
 
 
-# Llama blocks, 8 heads: (attention, key/value heads, factorize, rank, backend). TP must divide the
-# key/value heads, so each runs at the TP sizes that allow it (kv 8 and 4 at TP 1/2/4, 2 at TP
-# 1/2, 1 at TP 1).
+# Llama blocks, 8 heads: (attention, key/value heads, factorize, rank, backend, embedding). TP
+# must divide the key/value heads, so each runs at the TP sizes that allow it (kv 8 and 4 at TP
+# 1/2/4, 2 at TP 1/2, 1 at TP 1).
 LLAMA_VARIANTS = [
-    (att, kv, ("q", "k", "v"), None, "local") for att in ("mha", "mlra") for kv in (8, 4, 2, 1)
+    (att, kv, ("q", "k", "v"), None, "local", "vanilla") for att in ("mha", "mlra") for kv in (8, 4, 2, 1)
 ] + [
-    ("mlra", 2, ("q", "k", "v", "o"), 4, "sdpa"),
-    ("mlra", 4, ("k", "v"), 4, "local"),
-    ("mha", 2, ("q", "k", "v"), None, "sdpa"),
+    ("mlra", 2, ("q", "k", "v", "o"), 4, "sdpa", "vanilla"),
+    ("mlra", 4, ("k", "v"), 4, "local", "scaled"),
+    ("mha", 2, ("q", "k", "v"), None, "sdpa", "layernorm"),
+    ("mlra", 8, ("q", "k", "v"), None, "local", "layernorm"),
 ]
 
 
 def llama_id(v: tuple) -> str:
-    att, kv, fac, rank, backend = v
-    return f"llama-{att}-kv{kv}-{''.join(fac)}-r{rank}-{backend}"
+    att, kv, fac, rank, backend, emb = v
+    return f"llama-{att}-kv{kv}-{''.join(fac)}-r{rank}-{backend}-{emb}"
 
 
 def llama_cfg(v: tuple) -> ModelConfig:
-    att, kv, fac, rank, backend = v
-    return tiny_cfg(att, tied=None, factorize=fac, rank=rank, backend=backend, arch="llama", num_heads=8,
+    att, kv, fac, rank, backend, emb = v
+    return tiny_cfg(att, emb, tied=None, factorize=fac, rank=rank, backend=backend, arch="llama", num_heads=8,
                     num_kv_heads=kv)
 
 

@@ -47,6 +47,10 @@ MLRA_CASES = [
     dict(attention="mlra", factorize=("q", "k", "v", "o"), rank=8),
     dict(attention="mlra", factorize=("k",), rank=4),
     dict(attention="mlra", factorize=("v", "o"), rank=32),
+    # llama blocks with grouped-query attention: k and v factored per key/value head
+    dict(attention="mlra", arch="llama", num_heads=8, num_kv_heads=2, tied=None),
+    dict(attention="mlra", arch="llama", num_heads=8, num_kv_heads=1, tied=None, factorize=("k", "v", "o"), rank=4),
+    dict(attention="mlra", arch="llama", num_heads=4, num_kv_heads=2, tied=None, factorize=("q",), rank=8),
 ]
 
 
@@ -62,6 +66,15 @@ def test_mlra_equals_mha_with_composed_weights(tp1: None, case: dict) -> None:
     ours, composed = mlra(ids, positions, None), mha(ids, positions, None)
     assert ours.abs().max() > 1.0  # large weights: a real function, not a near-constant
     assert (ours - composed).abs().max().item() <= 1e-5
+    if cfg.arch == "llama":  # and back: each head's SVD at r >= its rank is exact
+        from mlra_mega.model.convert import mha_to_mlra
+
+        if cfg.mlra_rank == cfg.head_dim:
+            again = build_model(cfg).eval()
+            back, errors = mha_to_mlra(full_state_dict(mha), cfg)
+            load_shard(again, back)
+            assert max(errors) < 1e-6
+            assert (again(ids, positions, None) - ours).abs().max().item() <= 1e-4
 
 
 def test_composition_order_matters(tp1: None) -> None:

@@ -42,6 +42,14 @@ LAYOUTS = {
     "recompute_selective": ["zero.stage=1", "train.recompute=selective"],
     "bf16": ["zero.stage=1", "train.precision=bf16"],
 }
+# Llama blocks (grouped-query MLRA, SwiGLU, RMSNorm, rotary, untied) at the layouts whose code
+# paths differ for them: the norms' sequence-parallel reduction, ZeRO-3's partitioning of the
+# 3-D SwiGLU projection.
+LLAMA = ["model.arch=llama", "model.num_kv_heads=2"]
+LLAMA_LAYOUTS = {
+    "llama_sequence_parallel": ["zero.stage=1", "parallel.sequence_parallel=true"],
+    "llama_zero3": ["zero.stage=3"],
+}
 REL = 1e-5
 BF16_REL = 2e-2
 
@@ -77,6 +85,11 @@ def reference(data: TrainData) -> dict:
     return _train(data, ["zero.stage=0"])
 
 
+@dist_case(1)
+def reference_llama(data: TrainData) -> dict:
+    return _train(data, ["zero.stage=0", *LLAMA])
+
+
 @dist_case(4)
 def tp2_dp2(data: TrainData) -> dict:
     from mlra_mega.train.callbacks import Callback
@@ -90,6 +103,8 @@ def tp2_dp2(data: TrainData) -> dict:
         probe = Dtype()
         out[name] = _train(data, [*extra, "parallel.tensor=2"], [probe])
         out[name]["dtype"] = probe.dtype
+    for name, extra in LLAMA_LAYOUTS.items():
+        out[name] = _train(data, [*extra, *LLAMA, "parallel.tensor=2"])
     return out
 
 
@@ -116,6 +131,17 @@ def test_tp2_dp2_matches_one_process(layout: str, data: TrainData) -> None:
         assert run["dtype"] == "torch.float32"
         # TEV recorded during the run (ZeRO-3: on the gathered rows) is the one-process TEV.
         assert len(run["tev"]) == 2 and all(_rel(a, b) <= REL for a, b in zip(run["tev"], ref["tev"]))
+
+
+@pytest.mark.parametrize("layout", list(LLAMA_LAYOUTS))
+def test_llama_blocks_at_tp2_dp2_match_one_process(layout: str, data: TrainData) -> None:
+    (ref,) = dist_result(__name__, 1, "reference_llama", data=data)
+    for rank_runs in dist_result(__name__, 4, "tp2_dp2", data=data):
+        run = rank_runs[layout]
+        _check(run, ref, REL)
+        assert len(run["tev"]) == 2 and all(_rel(a, b) <= REL for a, b in zip(run["tev"], ref["tev"]))
+    (gpt2,) = dist_result(__name__, 1, "reference", data=data)
+    assert ref["loss"][-1] != gpt2["loss"][-1]  # really another model
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
