@@ -9,22 +9,31 @@ import torch
 
 from mlra_mega.config import ConfigError, ModelConfig, load_config
 from mlra_mega.model.build import build_model, count_parameters, flops_per_token, forward_flops_per_token
-from tests.model.helpers import VARIANTS, tiny_cfg, tokens, variant_id
+from tests.model.helpers import LLAMA_VARIANTS, VARIANTS, llama_cfg, llama_id, tiny_cfg, tokens, variant_id
+
+# Every gpt2 variant, and every llama one (grouped-query heads, SwiGLU, RMSNorm, no biases):
+# name -> (config maker, variant)
+ALL = {**{variant_id(v): (lambda v=v: tiny_cfg(*v), v) for v in VARIANTS},
+       **{llama_id(v): (lambda v=v: llama_cfg(v), v) for v in LLAMA_VARIANTS}}
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
-def test_parameter_count_is_exact(tp1: None, variant: tuple) -> None:
-    cfg = tiny_cfg(*variant)
+def _cfg(name: str):
+    return ALL[name][0]()
+
+
+@pytest.mark.parametrize("variant", list(ALL))
+def test_parameter_count_is_exact(tp1: None, variant: str) -> None:
+    cfg = _cfg(variant)
     model = build_model(cfg)
     assert count_parameters(cfg) == sum(p.numel() for p in model.parameters())
 
 
 # torch's FlopCounterMode does not count the CPU SDPA kernel, so the SDPA variants are left out.
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if v[-1] != "sdpa"], ids=variant_id)
-def test_flops_match_the_counted_matmuls(tp1: None, variant: tuple) -> None:
+@pytest.mark.parametrize("variant", [n for n, (_, v) in ALL.items() if "sdpa" not in v])
+def test_flops_match_the_counted_matmuls(tp1: None, variant: str) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg = tiny_cfg(*variant)
+    cfg = _cfg(variant)
     model = build_model(cfg)
     ids, positions, labels = tokens()
     with FlopCounterMode(display=False) as forward:

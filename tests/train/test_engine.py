@@ -142,6 +142,15 @@ def test_llama_blocks_at_tp2_dp2_match_one_process(layout: str, data: TrainData)
         assert len(run["tev"]) == 2 and all(_rel(a, b) <= REL for a, b in zip(run["tev"], ref["tev"]))
     (gpt2,) = dist_result(__name__, 1, "reference", data=data)
     assert ref["loss"][-1] != gpt2["loss"][-1]  # really another model
+    # Its checkpoint read layout-free (the SwiGLU [2, f, d] joined along f) is the one-process state.
+    from mlra_mega.train.elastic import KEYS
+
+    got, want = dist_result(__name__, 4, "tp2_dp2", data=data)[0][layout]["state"], ref["state"]
+    assert set(got) == set(want) and any(n.endswith("mlp.linear_fc1.weight") for n in want)
+    for key in KEYS:
+        scale = max(t[key].abs().max().item() for t in want.values())
+        worst = max((got[n][key] - want[n][key]).abs().max().item() for n in want)
+        assert scale > 0 and worst <= REL * scale, f"{key}: {worst} vs scale {scale}"
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
