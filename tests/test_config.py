@@ -119,6 +119,7 @@ ERROR_CASES = [
     (["model.vocab_size=1000", "model.vocab_multiple=6", "model.num_heads=4", "model.hidden_size=64",
       "parallel.tensor=4"], "parallel.tensor", "padded vocabulary"),
     (["metrics.tev_interval=-1"], "metrics.tev_interval", "must be >= 0"),
+    (["metrics.comm_interval=-2"], "metrics.comm_interval", "must be >= 0"),
     (["model.arch=lama"], "model.arch", "did you mean 'llama'"),
     (["model.num_kv_heads=4"], "model.num_kv_heads", "set model.arch=llama"),
     (["model.arch=llama", "model.num_kv_heads=5"], "model.num_kv_heads", "do not divide num_heads 12"),

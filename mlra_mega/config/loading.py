@@ -51,13 +51,15 @@ def migrate_saved(data: dict[str, Any]) -> dict[str, Any]:
 
 def model_identity(config: dict[str, Any]) -> dict[str, Any]:
     """The dotted `model.*` values of a config dict (a saved one, or the run's own) with every
-    default that depends on others made explicit (e.g. `tie_embeddings` from `arch`), so two
-    configs of one model compare equal whichever release wrote them."""
+    key a later release added at its default and `tie_embeddings` resolved from `arch` (it was a
+    plain true before `arch` existed), so two configs of one model compare equal whichever release
+    wrote them."""
     from mlra_mega.config.schema import ModelConfig
 
     model = from_dict(ModelConfig, migrate_saved(config).get("model", {}), "model.")
-    model = dataclasses.replace(model, tie_embeddings=model.tied_embeddings,
-                                num_kv_heads=model.kv_heads, ffn_hidden_size=model.ffn_size)
+    # Only the default that a release changed from a value to null is made explicit: making the
+    # derived widths explicit too would list them beside the change they follow from.
+    model = dataclasses.replace(model, tie_embeddings=model.tied_embeddings)
     return {f"model.{k}": v for k, v in flatten(model).items()}
 
 

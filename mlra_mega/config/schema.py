@@ -345,11 +345,14 @@ class MetricsConfig:
 
     tev_interval: int = option(1, "TEV every this many steps (0 = off)")
     peak_tflops: float | None = option(None, "the accelerator's peak TFLOP/s, for MFU (null: no MFU)")
+    comm_interval: int = option(0, "the communication ledger every N steps: comm/<group>/bytes, calls, time_s "
+                                   "and data_wait_s of that step (0 = off: nothing is wrapped)")
 
     def validate(self, prefix: str = "metrics") -> None:
-        if self.tev_interval < 0:
-            raise ConfigError(f"{prefix}.tev_interval", f"must be >= 0, got {self.tev_interval}",
-                              "use 0 to turn TEV off, or N to record it every N steps")
+        for name in ("tev_interval", "comm_interval"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}",
+                                  "use 0 to turn it off, or N to record it every N steps")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ConfigError(f"{prefix}.peak_tflops", f"must be > 0, got {self.peak_tflops}",
                               "give the accelerator's peak TFLOP/s, or null")

@@ -31,6 +31,7 @@ class Priority:
     they were given in). What each band is for:"""
 
     WATCHDOG = 1000  # Watchdog, HangDrill: a step is counted as finished before anything else runs
+    LEDGER = 950  # CommMetrics: the step's communication is closed before any callback communicates
     PROFILER = 900  # StepProfiler: step markers around everything else of the step
     DIAGNOSTICS = 500  # the stability callbacks: they record their metrics
     USER = 0  # the default: a user's callback sees the diagnostics' metrics (trainer.metrics)

@@ -32,6 +32,7 @@ from mlra_mega.model.hf_import import load_hf_weights
 from mlra_mega.tracking.mlflow import MLflowLogger, check_tracking_store, tracking_uri
 from mlra_mega.train.callbacks import CONFIG_CHANGES, Callback, ConsoleLogger, MetricsFile, RunSummary
 from mlra_mega.train.checkpoint import Checkpointer
+from mlra_mega.train.comm_metrics import CommMetrics
 from mlra_mega.train.engine import build_engine, release_engine
 from mlra_mega.train.nonfinite import drill_from
 from mlra_mega.train.profiler import StepProfiler
@@ -156,6 +157,8 @@ def _callbacks(cfg: RunConfig, ctx: ParallelContext, run_dir: Path, rank_log: Ra
     out: list[Callback] = [Watchdog(faults.watchdog_minutes, rank_log)]
     if faults.inject_hang_step is not None:
         out.append(HangDrill(faults.inject_hang_step, faults.inject_hang_rank, faults.inject_hang_s))
+    if cfg.metrics.comm_interval:
+        out.append(CommMetrics(cfg.metrics.comm_interval, ctx))
     out += [StepProfiler(cfg.profile, run_dir, ctx.rank, log),
             *stability_callbacks(cfg.diagnostics, sequence_parallel=cfg.parallel.sequence_parallel,
                                  vocab_size=cfg.model.vocab_size, log=main_log),

@@ -93,6 +93,7 @@ class Trainer:
         self.metrics: dict[str, float] = {}  # what the callbacks recorded in the current step
         self.flops_per_token = flops_per_token(model)
         self.tokens_per_step = train.global_batch_size * model.seq_length
+        self.data_wait_s = 0.0
 
     @staticmethod
     def _zero_stage(engine: Any) -> int:
@@ -149,6 +150,7 @@ class Trainer:
             cb.on_step_start(self)
         start = time.perf_counter()
         micro = self.batches.next_global_batch()
+        self.data_wait_s = time.perf_counter() - start  # what the step waited for its batches
         out = self.step_object(self.step, micro, self._before_optimizer)
         self.nonfinite.record(self.step, out.skipped)
         if out.skipped and self.ctx.is_main:

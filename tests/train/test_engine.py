@@ -34,10 +34,13 @@ BASE = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "mode
         "eval.interval=0"]
 LAYOUTS = {
     "zero0": ["zero.stage=0"],
-    "zero1": ["zero.stage=1"],
+    "zero1": ["zero.stage=1", "metrics.comm_interval=1"],
+    # DeepSpeed reduces each gradient slice to its owner instead of all-reducing whole buckets
+    "zero1_reduce": ["zero.stage=1", f"zero.template={REPO / 'ds_configs' / 'zero-reduce.json'}",
+                     "metrics.comm_interval=1"],
     "zero2": ["zero.stage=2"],
     "zero3": ["zero.stage=3"],
-    "sequence_parallel": ["zero.stage=1", "parallel.sequence_parallel=true"],
+    "sequence_parallel": ["zero.stage=1", "parallel.sequence_parallel=true", "metrics.comm_interval=1"],
     "recompute_full": ["zero.stage=2", "train.recompute=full"],
     "recompute_selective": ["zero.stage=1", "train.recompute=selective"],
     "bf16": ["zero.stage=1", "train.precision=bf16"],
@@ -68,7 +71,8 @@ def _train(data: TrainData, extra: list[str], callbacks=()) -> dict:
 
     history, run_dir = train(load_config(None, _overrides(data, extra)), callbacks, log=lambda s: None)
     out = {"loss": [m.loss for m in history], "grad_norm": [m.grad_norm for m in history],
-           "tev": [m.tev_mean for m in history if m.tev_mean is not None]}
+           "tev": [m.tev_mean for m in history if m.tev_mean is not None],
+           "comm": {k: v for k, v in history[-1].extra.items() if k.startswith("comm/") or k == "data_wait_s"}}
     if dist.get_rank() == 0:  # the final checkpoint read back layout-free (train/elastic.py)
         ckpt = find_checkpoint(run_dir)
         out["state"] = read_state(ckpt.path, read_sidecar(ckpt)["layout"]).params
@@ -131,6 +135,35 @@ def test_tp2_dp2_matches_one_process(layout: str, data: TrainData) -> None:
         assert run["dtype"] == "torch.float32"
         # TEV recorded during the run (ZeRO-3: on the gathered rows) is the one-process TEV.
         assert len(run["tev"]) == 2 and all(_rel(a, b) <= REL for a, b in zip(run["tev"], ref["tev"]))
+
+
+@pytest.mark.parametrize("layout", ["zero1", "zero1_reduce", "sequence_parallel"])
+def test_the_communication_ledger_matches_the_closed_form(layout: str, data: TrainData) -> None:
+    """Rank 0's last step (TEV due) at TP2 x DP2, as the ledger counted it in metrics.jsonl's
+    comm/<group>/bytes, against comm.expected: equal to the byte where our code and DeepSpeed's
+    reduce path make the minimal calls; DeepSpeed's default all-reduce of whole gradient buckets
+    sends the gradients' second half too (exactly (n-1)/n P more); sequence parallelism's
+    per-parameter all-reduces and megatron's all-reduce of the embedding stay within 10%."""
+    from mlra_mega.comm.expected import expected_step
+    from mlra_mega.plan import stage_numel
+    from mlra_mega.train.run import _with_tokenizer_vocab
+
+    cfg, _ = _with_tokenizer_vocab(load_config(None, _overrides(data, [*LAYOUTS[layout], "parallel.tensor=2"])))
+    params = sum(stage_numel(cfg, 2, 1, 0))
+    want = expected_step(cfg, tp=2, pp=1, dp=2, zero=1, params=params)
+    assert set(want) == {"tp", "dp", "mp", "world"}
+    got = dist_result(__name__, 4, "tp2_dp2", data=data)[0][layout]["comm"]
+    assert got["data_wait_s"] >= 0
+    for group, x in want.items():
+        sent = got[f"comm/{group}/bytes"]
+        if group == "dp" and layout != "zero1_reduce":
+            assert sent == pytest.approx(x.bytes + 0.5 * params * 4, abs=0.5), group
+        elif group == "tp" and layout == "sequence_parallel":
+            assert x.bytes <= sent <= 1.1 * x.bytes, (sent, x.bytes)
+        else:
+            assert sent == pytest.approx(x.bytes, abs=0.5), (group, sent, x.bytes)
+            if x.calls is not None:
+                assert got[f"comm/{group}/calls"] == x.calls, group
 
 
 @pytest.mark.parametrize("layout", list(LLAMA_LAYOUTS))

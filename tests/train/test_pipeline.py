@@ -40,7 +40,8 @@ VARIANTS = {
 }
 # layout -> (world size, parallel overrides, variants)
 LAYOUTS = {
-    "pp2": (2, ["parallel.pipeline=2"], ["mlra", "mlra_untied", "mha", "mlra_scaled", "mlra_embed_ln",
+    "pp2": (2, ["parallel.pipeline=2", "metrics.comm_interval=1"], ["mlra", "mlra_untied", "mha", "mlra_scaled",
+                                                                    "mlra_embed_ln",
                                          "llama_mlra_gqa"]),
     "pp2_uneven": (2, ["parallel.pipeline=2", "parallel.pipeline_layers=[1,3]"], ["mlra"]),
     "pp4": (4, ["parallel.pipeline=4"], ["mlra"]),
@@ -69,7 +70,10 @@ def _train(data: TrainData, extra: list[str], callbacks=()) -> dict:
     history, run_dir = train(load_config(None, _overrides(data, extra)), [*callbacks, evals], log=lambda s: None)
     return {"val_loss": evals.val, "loss": [m.loss for m in history], "grad_norm": [m.grad_norm for m in history],
             "tev": [m.tev_mean for m in history if m.tev_mean is not None], "run_dir": str(run_dir),
-            "layers": [{k: v for k, v in m.extra.items() if "/" in k} for m in history if m.step % 4 == 0]}
+            "layers": [{k: v for k, v in m.extra.items() if "/" in k and not k.startswith("comm/")}
+                       for m in history if m.step % 4 == 0],
+            # step 7: neither TEV nor the diagnostics (every 4 steps) communicate in it
+            "comm": {k: v for m in history if m.step == 7 for k, v in m.extra.items() if k.startswith("comm/")}}
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +180,26 @@ def test_pipeline_matches_one_process(layout: str, variant: str, data: TrainData
     world = LAYOUTS[layout][0]
     for rank_runs in dist_result(__name__, world, f"world{world}", data=data):
         _check(rank_runs[layout][variant], ref[variant], REL)
+
+
+@pytest.mark.parametrize("variant", ["mlra", "mlra_untied"])
+def test_the_communication_ledger_matches_the_closed_form(variant: str, data: TrainData) -> None:
+    """Rank 0 (the first stage) at PP2, step 7 as the ledger counted it: activations sent and
+    gradients received per micro-batch, the loss's broadcast, the tied embedding's gradient
+    all-reduce (none untied), DeepSpeed's norm: equal to comm.expected to the byte and the call."""
+    from mlra_mega.comm.expected import expected_step
+    from mlra_mega.plan import stage_numel
+    from mlra_mega.train.run import _with_tokenizer_vocab
+
+    _, extra, _ = LAYOUTS["pp2"]
+    cfg, _ = _with_tokenizer_vocab(load_config(None, _overrides(data, [*extra, *VARIANTS[variant]])))
+    want = expected_step(cfg, tp=1, pp=2, dp=1, zero=1, params=sum(stage_numel(cfg, 1, 2, 0)), tev=False)
+    assert ("embedding" in want) == (variant == "mlra")
+    got = dist_result(__name__, 2, "world2", data=data)[0]["pp2"][variant]["comm"]
+    assert {k.split("/")[1] for k, v in got.items() if k.endswith("/calls") and v} == set(want)
+    for group, x in want.items():
+        assert got[f"comm/{group}/bytes"] == pytest.approx(x.bytes, abs=0.5), group
+        assert got[f"comm/{group}/calls"] == x.calls, group
 
 
 def test_bf16_pipeline_tracks_fp32(data: TrainData) -> None:

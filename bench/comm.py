@@ -1,0 +1,122 @@
+"""Communication per step against what each layout must move: bytes and calls per process group,
+measured by the ledger (`metrics.comm_interval`), against `comm.expected`'s closed form.
+
+Each layout trains the "mid" model (d 256, 4 layers, 4 heads of 64, seq 128, MLRA; batch 8 in
+micro-batches of 4) for a few steps under torchrun with the ledger on; rank 0's last step is
+compared with the formula, group by group. "reduce" rows use ds_configs/zero-reduce.json
+(DeepSpeed reduces each gradient slice to its owner instead of all-reducing whole buckets).
+
+    python bench/comm.py [--model mid] [--steps 4] [--only NAME ...] [--out bench/results/comm.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import REPO, model_overrides, run_worker, table, write_json
+
+LAYOUTS = [  # (name, processes, overrides)
+    ("TP2", 2, ["parallel.tensor=2", "zero.stage=1"]),
+    ("TP2 SP", 2, ["parallel.tensor=2", "parallel.sequence_parallel=true", "zero.stage=1"]),
+    ("DP2 ZeRO-1", 2, ["zero.stage=1"]),
+    ("DP2 ZeRO-1 reduce", 2, ["zero.stage=1", f"zero.template={REPO / 'ds_configs' / 'zero-reduce.json'}"]),
+    ("DP2 ZeRO-2", 2, ["zero.stage=2"]),
+    ("DP2 ZeRO-2 reduce", 2, ["zero.stage=2", f"zero.template={REPO / 'ds_configs' / 'zero-reduce.json'}"]),
+    ("DP2 ZeRO-3", 2, ["zero.stage=3"]),
+    ("TP2 DP2 ZeRO-1", 4, ["parallel.tensor=2", "zero.stage=1"]),
+    ("PP2", 2, ["parallel.pipeline=2", "zero.stage=1"]),
+]
+
+
+def worker(result: Path, overrides: list[str]) -> None:
+    """Trains with the ledger on; rank 0 writes its last step's calls per (group, method)."""
+    from mlra_mega.config import load_config
+    from mlra_mega.train.comm_metrics import CommMetrics
+    from mlra_mega.train.run import train
+
+    probe: list[CommMetrics] = []
+
+    class Keep(CommMetrics):  # the run's own ledger callback, kept to read its raw last step
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            probe.append(self)
+
+    import mlra_mega.train.run as run_module
+
+    run_module.CommMetrics = Keep
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", overrides)
+    history, _ = train(cfg, log=lambda s: None)
+    if int(os.environ.get("RANK", "0")) == 0:  # train() has torn the process group down
+        last = probe[0].last
+        result.write_text(json.dumps({
+            "calls": {f"{g}/{m}": [s.calls, s.bytes, s.time_s] for (g, m), s in last.items()},
+            "step_time_s": [m.step_time_s for m in history]}))
+
+
+def expected_for(overrides: list[str], nproc: int) -> dict:
+    """comm.expected's numbers for rank 0 of this layout."""
+    from mlra_mega.comm.expected import expected_step
+    from mlra_mega.config import load_config
+    from mlra_mega.plan import stage_numel
+
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", [*overrides, "model.vocab_size=2048"])
+    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    dp = nproc // (tp * pp)
+    params = sum(stage_numel(cfg, tp, pp, 0))
+    return {g: {"bytes": x.bytes, "calls": x.calls}
+            for g, x in expected_step(cfg, tp=tp, pp=pp, dp=dp, zero=cfg.zero.stage, params=params).items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="mid")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--only", nargs="*")
+    ap.add_argument("--calls", action="store_true", help="also print every call kind of each layout")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "comm.json"))
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args, rest = ap.parse_known_args()
+    if args.worker:
+        worker(Path(args.result), rest)
+        return 0
+    base = model_overrides(args.model)
+    work = Path(tempfile.mkdtemp(prefix="bench-comm-"))
+    out, rows = {}, []
+    for name, nproc, extra in LAYOUTS:
+        if args.only and name not in args.only:
+            continue
+        overrides = [*base, *extra, f"train.steps={args.steps}", "metrics.comm_interval=1", "tracking.enabled=false",
+                     "eval.interval=0", "checkpoint.interval=0", f"run.dir={work / name.replace(' ', '_')}"]
+        res = run_worker(Path(__file__), nproc, ["--worker", *overrides], work / f"{name.replace(' ', '_')}.json")
+        expected = expected_for([*base, *extra], nproc)
+        measured: dict[str, list[float]] = {}
+        for key, (calls, sent, secs) in res["calls"].items():
+            m = measured.setdefault(key.split("/")[0], [0, 0.0, 0.0])
+            m[0], m[1], m[2] = m[0] + calls, m[1] + sent, m[2] + secs
+        for group in sorted(set(measured) | set(expected)):
+            calls, sent, secs = measured.get(group, [0, 0.0, 0.0])
+            want = expected.get(group, {"bytes": 0.0, "calls": None})
+            ratio = sent / want["bytes"] if want["bytes"] else float("nan")
+            rows.append([name, group, sent, want["bytes"], ratio, calls,
+                         "-" if want["calls"] is None else want["calls"], 1e3 * secs])
+        if args.calls:
+            print(table(["group/method", "calls", "bytes", "ms"],
+                        [[k, c, b, 1e3 * t] for k, (c, b, t) in sorted(res["calls"].items())], title=name), flush=True)
+        res["expected"] = expected
+        out[name] = res
+    print(table(["layout", "group", "bytes sent", "expected", "ratio", "calls", "expected calls", "ms"], rows,
+                title=f"communication of one step on rank 0, model {args.model} (bytes a rank sends, ring algorithms)"))
+    write_json(args.out, {"model": args.model, "steps": args.steps, "layouts": out})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
