@@ -14,7 +14,8 @@ the non-finite agreement and skip, the drill, the order of a step) is inherited.
    matrix get the sum of their two gradients (one all-reduce over the embedding group), so both
    copies take the same update; the copy is marked `ds_pipe_replicated`, so ZeRO's norm counts
    the matrix once.
-4. DeepSpeed reduces the gradients over data parallelism (`allreduce_gradients`); the world
+4. The sequence-parallel gradients in one all-reduce over TP (as in TrainStep); DeepSpeed
+   reduces the gradients over data parallelism (`allreduce_gradients`); the world
    agrees on non-finite values; the callbacks' `before_optimizer()`; `engine.step()`: ZeRO-1's
    norm all-reduces over TP x PP (the engine's model-parallel group), so every stage clips by
    the global norm.
@@ -101,6 +102,8 @@ class PipelineStep(TrainStep):
         loss = self._run_schedule(micro_batches, forward_only=False)
         if self._tied is not None and self._tied.grad is not None:
             dist.all_reduce(self._tied.grad, group=self.ctx.embedding_group)
+        if self.coalesce_sp:
+            self.reduce_sequence_parallel_grads()
         engine.allreduce_gradients()
         bad = self._agree()
         before_optimizer()

@@ -7,7 +7,10 @@ replaces. For each step, in this order:
 2. For every micro-batch of this rank: forward, the loss (mean over the unmasked tokens),
    `engine.backward`; as each parameter's gradient is computed its hooks run (below).
 3. After the last backward, before the last `engine.step()` (where DeepSpeed applies the update):
-   the gradient norm at ZeRO-0 (DeepSpeed keeps none there; the gradients are reduced by now),
+   at ZeRO 0-1 in fp32, the sequence-parallel gradients, accumulated over the micro-batches, in
+   one flattened all-reduce over the tensor-parallel group, and then DeepSpeed's own reduction
+   over data parallelism (which the step, not `engine.backward`, starts: the partial sums must
+   be whole first); the gradient norm at ZeRO-0 (DeepSpeed keeps none there; the gradients are reduced by now),
    one all-reduce of a world-sized flag vector that tells every rank whether, and on which ranks,
    something was non-finite (if so, the update is dropped on every rank), then the caller's
    `before_optimizer()` (the callbacks' `on_before_optimizer_step`).
@@ -19,10 +22,12 @@ replaces. For each step, in this order:
 Hooks, all registered here, once, when the step object is made:
 
 - one tensor hook per trainable parameter, which runs, in order:
-  a. the sequence-parallel all-reduce over the tensor-parallel group, for parameters marked
-     `sequence_parallel` (norms, row-parallel biases): their gradients are partial sums over each
-     TP rank's slice of the sequence, reduced before anything reads them or DeepSpeed reduces
-     them over data parallelism;
+  a. for parameters marked `sequence_parallel` (norms, row-parallel biases), whose gradients are
+     partial sums over each TP rank's slice of the sequence: nothing where the step reduces them
+     all at once (below); else (ZeRO-2/3, which reduce each gradient over data parallelism inside
+     DeepSpeed's own hooks as it is produced; bf16 at ZeRO-0, whose optimizer moves each
+     micro-batch's gradients to its own buffer; a gradient observer, which must see whole
+     gradients) their all-reduce over the tensor-parallel group, each on its own;
   b. the NaN drill's poison (the first parameter, the drill's rank, the drill's steps);
   c. the non-finite watch: the fresh gradient's sum is kept (a NaN or inf anywhere makes it
      non-finite; before DeepSpeed reduces or partitions, so the same at every ZeRO stage);
@@ -93,15 +98,41 @@ class TrainStep:
 
     def _register_hooks(self) -> None:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self._sp_params = [p for _, p in named if self.ctx.tp_size > 1 and getattr(p, "sequence_parallel", False)]
+        self._coalesce(self._can_coalesce())
         for i, (name, p) in enumerate(named):
-            reduce = self.ctx.tp_size > 1 and bool(getattr(p, "sequence_parallel", False))
+            reduce = any(p is q for q in self._sp_params)
             poison = i == 0 and self._poison_left > 0
             p.register_hook(self._grad_hook(name, p, reduce, poison))
         self.engine.basic_optimizer.register_step_pre_hook(self._drop_hook)
 
+    def _can_coalesce(self) -> bool:
+        """The sequence-parallel gradients can wait for one reduction per step where DeepSpeed
+        reduces over data parallelism once per step, from `.grad` (ZeRO 0-1, not bf16's ZeRO-0
+        optimizer), and the pipeline's schedule or our loop starts that reduction."""
+        bf16 = bool(getattr(self.engine, "bfloat16_enabled", lambda: False)())
+        return bool(self._sp_params) and self.zero_stage in (0, 1) and not (bf16 and self.zero_stage == 0)
+
+    def _coalesce(self, on: bool) -> None:
+        self.coalesce_sp = on
+        # DeepSpeed's backward reduces over data parallelism at the step's last micro-batch; with
+        # the partial sums still to be made whole, the step starts that reduction itself.
+        self.engine.enable_backward_allreduce = not on
+
+    def reduce_sequence_parallel_grads(self) -> None:
+        """The sequence-parallel parameters' accumulated gradients summed over the TP group, in
+        one flattened all-reduce."""
+        grads = [p.grad for p in self._sp_params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=self.ctx.tp_group)
+        for g, whole in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(whole)
+
     def _grad_hook(self, name: str, p: torch.nn.Parameter, reduce: bool, poison: bool):
         def hook(grad: torch.Tensor) -> torch.Tensor:
-            if reduce:  # a.
+            if reduce and not self.coalesce_sp:  # a.
                 grad = grad.contiguous()
                 dist.all_reduce(grad, group=self.ctx.tp_group)
             if poison and self._poison:  # b.
@@ -120,8 +151,11 @@ class TrainStep:
                     p.grad = None
 
     def add_grad_observer(self, observer: GradObserver) -> None:
-        """`observer(name, param, grad)` sees every fresh gradient of this rank (read-only)."""
+        """`observer(name, param, grad)` sees every fresh gradient of this rank (read-only), whole:
+        sequence-parallel gradients are then reduced in their hooks, one by one."""
         self._observers.append(observer)
+        if self.coalesce_sp:
+            self._coalesce(False)
 
     # -- the step ----------------------------------------------------------------------------
 
@@ -178,6 +212,9 @@ class TrainStep:
             self._sums.append(loss.detach().float().sum())
             engine.backward(loss)
             if i == len(micro_batches) - 1:
+                if self.coalesce_sp:
+                    self.reduce_sequence_parallel_grads()
+                    engine.allreduce_gradients()
                 if self.zero_stage == 0:
                     own_norm = tensor_parallel_grad_norm(self.model, self.ctx)
                 bad = self._agree()

@@ -41,6 +41,7 @@ LAYOUTS = {
     "zero2": ["zero.stage=2"],
     "zero3": ["zero.stage=3"],
     "sequence_parallel": ["zero.stage=1", "parallel.sequence_parallel=true", "metrics.comm_interval=1"],
+    "sequence_parallel_zero0": ["zero.stage=0", "parallel.sequence_parallel=true"],
     "recompute_full": ["zero.stage=2", "train.recompute=full"],
     "recompute_selective": ["zero.stage=1", "train.recompute=selective"],
     "bf16": ["zero.stage=1", "train.precision=bf16"],
@@ -142,8 +143,9 @@ def test_the_communication_ledger_matches_the_closed_form(layout: str, data: Tra
     """Rank 0's last step (TEV due) at TP2 x DP2, as the ledger counted it in metrics.jsonl's
     comm/<group>/bytes, against comm.expected: equal to the byte where our code and DeepSpeed's
     reduce path make the minimal calls; DeepSpeed's default all-reduce of whole gradient buckets
-    sends the gradients' second half too (exactly (n-1)/n P more); sequence parallelism's
-    per-parameter all-reduces and megatron's all-reduce of the embedding stay within 10%."""
+    sends the gradients' second half too (exactly (n-1)/n P more); under sequence parallelism the
+    partial gradients go in one call per step, and megatron's all-reduce of the embedding output
+    is the one excess."""
     from mlra_mega.comm.expected import expected_step
     from mlra_mega.plan import stage_numel
     from mlra_mega.train.run import _with_tokenizer_vocab
@@ -159,7 +161,13 @@ def test_the_communication_ledger_matches_the_closed_form(layout: str, data: Tra
         if group == "dp" and layout != "zero1_reduce":
             assert sent == pytest.approx(x.bytes + 0.5 * params * 4, abs=0.5), group
         elif group == "tp" and layout == "sequence_parallel":
-            assert x.bytes <= sent <= 1.1 * x.bytes, (sent, x.bytes)
+            # The sequence-parallel gradients in one call per step; megatron all-reduces the
+            # embedding's output (learned positions are added after the vocabulary-parallel
+            # lookup) where a reduce-scatter would send half: (n-1)/n A more per micro-batch.
+            act = cfg.train.micro_batch_size * cfg.model.seq_length * cfg.model.hidden_size * 4
+            micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * 2)
+            assert sent == pytest.approx(x.bytes + micro * 0.5 * act, abs=0.5), (sent, x.bytes)
+            assert got["comm/tp/calls"] == x.calls
         else:
             assert sent == pytest.approx(x.bytes, abs=0.5), (group, sent, x.bytes)
             if x.calls is not None:

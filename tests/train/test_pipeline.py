@@ -46,6 +46,7 @@ LAYOUTS = {
     "pp2_uneven": (2, ["parallel.pipeline=2", "parallel.pipeline_layers=[1,3]"], ["mlra"]),
     "pp4": (4, ["parallel.pipeline=4"], ["mlra"]),
     "tp2_pp2": (4, ["parallel.pipeline=2", "parallel.tensor=2"], ["mlra", "mlra_untied", "mha", "llama_mlra_gqa"]),
+    "tp2_pp2_sp": (4, ["parallel.pipeline=2", "parallel.tensor=2", "parallel.sequence_parallel=true"], ["mlra"]),
     "pp2_dp2": (4, ["parallel.pipeline=2"], ["mlra"]),
     "tp2_pp2_dp2": (8, ["parallel.pipeline=2", "parallel.tensor=2"], ["mlra"]),
 }
