@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import REPO, model_overrides, run_worker, table, write_json
+from bench.common import REPO, measure, model_overrides, run_worker, table, write_json
 
 LAYOUTS = [  # (name, processes, overrides)
     ("TP2", 2, ["parallel.tensor=2", "zero.stage=1"]),
@@ -80,6 +80,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--calls", action="store_true", help="also print every call kind of each layout")
+    ap.add_argument("--cost-rounds", type=int, default=3, help="rounds of the ledger's on / off step time (0: skip)")
+    ap.add_argument("--cost-steps", type=int, default=24)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "comm.json"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -114,7 +116,20 @@ def main() -> int:
         out[name] = res
     print(table(["layout", "group", "bytes sent", "expected", "ratio", "calls", "expected calls", "ms"], rows,
                 title=f"communication of one step on rank 0, model {args.model} (bytes a rank sends, ring algorithms)"))
-    write_json(args.out, {"model": args.model, "steps": args.steps, "layouts": out})
+    cost = {}
+    if args.cost_rounds:
+        # The ledger's own cost: the same TP2 run with it off and on every step, rounds interleaved.
+        common = [*base, "parallel.tensor=2", f"train.steps={args.cost_steps}"]
+        cost = measure({"ledger off": (2, [*common, "metrics.comm_interval=0"]),
+                        "ledger on": (2, [*common, "metrics.comm_interval=1"])},
+                       args.cost_rounds, 6, work, tag="comm-cost")
+        off = cost["ledger off"]["step_s"]["median"]
+        print(table(["TP2", "step ms", "range %", "x off"],
+                    [[k, 1e3 * v["step_s"]["median"], v["step_s"]["range_pct"], v["step_s"]["median"] / off]
+                     for k, v in cost.items()],
+                    title=f"the ledger's cost, {args.cost_rounds} rounds x {args.cost_steps} steps (median after 6)"))
+        cost = {k: {"step_s": v["step_s"], "per_round_s": v["per_round_s"]} for k, v in cost.items()}
+    write_json(args.out, {"model": args.model, "steps": args.steps, "layouts": out, "ledger_cost": cost})
     return 0
 
 
