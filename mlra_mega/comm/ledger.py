@@ -72,7 +72,7 @@ def _sent_bytes(method: str, n: int, buffer: int) -> float:
 class Ledger:
     """`with Ledger({"tp": tp_group, ...}) as ledger:` ... `ledger.take()` -> totals since the last take.
 
-    One at a time per process (it patches a class). Thread-safe enough for what it counts: calls
+    One at a time per process (it patches a class): installing one uninstalls any other. Thread-safe enough for what it counts: calls
     from DeepSpeed's or our background threads are counted as they come, with the GIL's ordering.
     """
 
@@ -100,7 +100,9 @@ class Ledger:
         from torch._C._distributed_c10d import ProcessGroup, Work
 
         if Ledger._active is not None:
-            raise RuntimeError("a communication ledger is already installed in this process")
+            # Left by a run that ended in an exception before its callbacks' on_fit_end: this
+            # one replaces it (one ledger per process; wrapping twice would count twice).
+            Ledger._active.uninstall()
         import torch.distributed as dist
 
         if dist.is_initialized():

@@ -9,7 +9,6 @@ import pytest
 
 from tests.dist import dist_case, dist_result
 
-pytestmark = pytest.mark.slow  # a two-process launch
 
 
 @dist_case(2)
@@ -64,6 +63,25 @@ def known_calls() -> dict:
             "patched_back": patched_back}
 
 
+def test_a_ledger_left_installed_by_a_failed_run_is_replaced_and_torch_restored() -> None:
+    from torch._C._distributed_c10d import ProcessGroup, Work
+
+    from mlra_mega.comm.ledger import Ledger
+
+    before, wait = ProcessGroup.__dict__["allreduce"], Work.__dict__.get("wait")
+    stale = Ledger()
+    stale.install()  # a run that raised before on_fit_end
+    fresh = Ledger()
+    fresh.install()
+    assert Ledger._active is fresh and ProcessGroup.__dict__["allreduce"] is not before
+    fresh.uninstall()
+    assert Ledger._active is None
+    assert ProcessGroup.__dict__["allreduce"] is before and Work.__dict__.get("wait") is wait
+    stale.uninstall()  # a no-op now
+    assert ProcessGroup.__dict__["allreduce"] is before
+
+
+@pytest.mark.slow  # a two-process launch
 def test_the_ledger_counts_every_call_with_its_bytes() -> None:
     for rank, got in enumerate(dist_result(__name__, 2, "known_calls")):
         # What each rank sends over 2 ranks: an all-reduce 2 (n-1)/n = 1x its buffer, an all-gather,
