@@ -7,6 +7,11 @@ compared with the formula, group by group. "reduce" rows use ds_configs/zero-red
 (DeepSpeed reduces each gradient slice to its owner instead of all-reducing whole buckets).
 
     python bench/comm.py [--model mid] [--steps 4] [--only NAME ...] [--out bench/results/comm.json]
+
+Two more tables, each a few runs interleaved over rounds (median step time after the warm-up):
+`--settings` DeepSpeed's overlap and bucket sizes at DP2 ZeRO-1 / ZeRO-2 (what `zero.overlap_comm`,
+`zero.reduce_bucket_size` and `zero.allgather_bucket_size` default to is chosen from it), and
+`--loader` the step's wait for its batches with `data.num_workers` 0 (read in the step) and 2.
 """
 
 from __future__ import annotations
@@ -57,7 +62,8 @@ def worker(result: Path, overrides: list[str]) -> None:
         last = probe[0].last
         result.write_text(json.dumps({
             "calls": {f"{g}/{m}": [s.calls, s.bytes, s.time_s] for (g, m), s in last.items()},
-            "step_time_s": [m.step_time_s for m in history]}))
+            "step_time_s": [m.step_time_s for m in history],
+            "data_wait_s": [m.data_wait_s for m in history]}))
 
 
 def expected_for(overrides: list[str], nproc: int) -> dict:
@@ -74,6 +80,39 @@ def expected_for(overrides: list[str], nproc: int) -> dict:
             for g, x in expected_step(cfg, tp=tp, pp=pp, dp=dp, zero=cfg.zero.stage, params=params).items()}
 
 
+SETTINGS = [  # (name, overrides) at DP2, for ZeRO-1 and ZeRO-2
+    ("no overlap, 5e8 buckets", ["zero.overlap_comm=false"]),
+    ("overlap, 5e8 buckets", ["zero.overlap_comm=true"]),
+    ("no overlap, 1e6 buckets", ["zero.overlap_comm=false", "zero.reduce_bucket_size=1000000",
+                                 "zero.allgather_bucket_size=1000000"]),
+    ("overlap, 1e6 buckets", ["zero.overlap_comm=true", "zero.reduce_bucket_size=1000000",
+                              "zero.allgather_bucket_size=1000000"]),
+]
+
+
+def rounds_of(runs: dict[str, tuple[int, list[str]]], rounds: int, warmup: int, work: Path) -> dict[str, dict]:
+    """Each run once per round, rounds interleaved; per run the median step time and data wait
+    after `warmup` steps of each round, and their spread over rounds."""
+    from statistics import median
+
+    from bench.common import spread
+
+    got: dict[str, list[dict]] = {k: [] for k in runs}
+    for r in range(rounds):
+        for name, (nproc, overrides) in runs.items():
+            tag = "".join(c if c.isalnum() else "_" for c in name)
+            res = run_worker(Path(__file__), nproc, ["--worker", *overrides, f"run.dir={work / f'{tag}-{r}'}"],
+                             work / f"{tag}-{r}.json")
+            got[name].append(res)
+    out = {}
+    for name, results in got.items():
+        step = [median(x["step_time_s"][warmup:]) for x in results]
+        wait = [median(w for w in x["data_wait_s"][warmup:] if w is not None) for x in results]
+        out[name] = {"step_s": spread(step), "data_wait_s": spread(wait),
+                     "wait_share": median(w / s for w, s in zip(wait, step))}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="mid")
@@ -82,6 +121,10 @@ def main() -> int:
     ap.add_argument("--calls", action="store_true", help="also print every call kind of each layout")
     ap.add_argument("--cost-rounds", type=int, default=3, help="rounds of the ledger's on / off step time (0: skip)")
     ap.add_argument("--cost-steps", type=int, default=24)
+    ap.add_argument("--settings", action="store_true", help="the DeepSpeed overlap / bucket table")
+    ap.add_argument("--loader", action="store_true", help="the data-wait table, workers 0 and 2")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the settings and loader tables")
+    ap.add_argument("--timed-steps", type=int, default=16, help="steps per run of those tables (median after 4)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "comm.json"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -129,7 +172,25 @@ def main() -> int:
                      for k, v in cost.items()],
                     title=f"the ledger's cost, {args.cost_rounds} rounds x {args.cost_steps} steps (median after 6)"))
         cost = {k: {"step_s": v["step_s"], "per_round_s": v["per_round_s"]} for k, v in cost.items()}
-    write_json(args.out, {"model": args.model, "steps": args.steps, "layouts": out, "ledger_cost": cost})
+    timed = [*base, f"train.steps={args.timed_steps}", "metrics.comm_interval=1", "tracking.enabled=false",
+             "eval.interval=0", "checkpoint.interval=0"]
+    settings = {}
+    if args.settings:
+        runs = {f"ZeRO-{z} {name}": (2, [*timed, f"zero.stage={z}", *extra]) for z in (1, 2) for name, extra in SETTINGS}
+        settings = rounds_of(runs, args.rounds, 4, work)
+        print(table(["DP2", "step ms", "range %"],
+                    [[k, 1e3 * v["step_s"]["median"], v["step_s"]["range_pct"]] for k, v in settings.items()],
+                    title=f"DeepSpeed's overlap and buckets, {args.rounds} rounds x {args.timed_steps} steps"))
+    loader = {}
+    if args.loader:
+        runs = {f"1 process, {w} workers": (1, [*timed, f"data.num_workers={w}"]) for w in (0, 2)}
+        loader = rounds_of(runs, args.rounds, 4, work)
+        print(table(["loader", "step ms", "data wait ms", "wait share %"],
+                    [[k, 1e3 * v["step_s"]["median"], 1e3 * v["data_wait_s"]["median"], 100 * v["wait_share"]]
+                     for k, v in loader.items()],
+                    title=f"the step's wait for its batches, {args.rounds} rounds x {args.timed_steps} steps"))
+    write_json(args.out, {"model": args.model, "steps": args.steps, "layouts": out, "ledger_cost": cost,
+                          "deepspeed_settings": settings, "loader": loader})
     return 0
 
 

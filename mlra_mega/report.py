@@ -24,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from mlra_mega.errors import ConfigError
+from mlra_mega.metrics.names import FLAT, normalize
 
 __all__ = ["Member", "build_report", "collect"]
 
-SERIES = ("tev_mean", "loss", "grad_norm")
-FINAL = ("val_ppl", "tev_mean", "tev_std", "loss_spikes", "skipped_steps", "tev_gradvar_spearman",
-         "tev_gradvar_spearman_diff")
+SERIES = ("tev/mean", "train/loss", "train/grad_norm")
+FINAL = ("eval/ppl", "tev/mean", "tev/std", "stability/loss_spikes", "train/skipped_steps", "tev/gradvar_spearman",
+         "tev/gradvar_spearman_diff")
+_OLD = {new: old for old, new in FLAT.items()}  # a run logged before the sections: its flat names
 
 
 @dataclass
@@ -76,7 +78,8 @@ def _resolve(client: Any, target: str) -> tuple[Any | None, list[Any]]:
     if exp is None:
         raise ConfigError("report", f"{target!r} is no run id, sweep name or experiment in this tracking store",
                           "give a sweep's parent run id or name, or an experiment name, and --tracking-uri")
-    return None, [r for r in client.search_runs([exp.experiment_id]) if "loss" in r.data.metrics]
+    return None, [r for r in client.search_runs([exp.experiment_id])
+                  if "train/loss" in r.data.metrics or "loss" in r.data.metrics]
 
 
 def collect(client: Any, runs: list[Any]) -> list[Member]:
@@ -84,18 +87,21 @@ def collect(client: Any, runs: list[Any]) -> list[Member]:
     for run in runs:
         p = run.data.params
         m = Member(run.info.run_name, _variant(run), int(p.get("model.num_layers", 0)), int(p.get("train.seed", 0)))
+        metrics = normalize(run.data.metrics)
         for key in SERIES:
-            hist = sorted(client.get_metric_history(run.info.run_id, key), key=lambda x: (x.step, x.timestamp))
+            hist = (client.get_metric_history(run.info.run_id, key)
+                    or client.get_metric_history(run.info.run_id, _OLD.get(key, key)))
+            hist = sorted(hist, key=lambda x: (x.step, x.timestamp))
             by_step = {h.step: h.value for h in hist}  # the last value of a step run twice wins
             m.series[key] = sorted(by_step.items())
         for key in FINAL:
-            if key in run.data.metrics:
-                m.last[key] = run.data.metrics[key]
-        finite = [v for _, v in m.series["grad_norm"] if math.isfinite(v) and v < 1e300]
+            if key in metrics:
+                m.last[key] = metrics[key]
+        finite = [v for _, v in m.series["train/grad_norm"] if math.isfinite(v) and v < 1e300]
         if finite:
             m.last["max_grad_norm"] = max(finite)
-        for key, value in run.data.metrics.items():
-            if key.startswith("resid_var/layer_"):
+        for key, value in metrics.items():
+            if key.startswith("stability/resid_var/layer_"):
                 m.resid[int(key.rsplit("_", 1)[1])] = value
         out.append(m)
     return out
@@ -114,9 +120,9 @@ def _table(members: list[Member]) -> list[str]:
     groups: dict[tuple[int, str], list[Member]] = defaultdict(list)
     for m in members:
         groups[m.depth, m.variant].append(m)
-    cols = [("val_ppl", "final val ppl"), ("tev_mean", "TEV mean"), ("tev_std", "TEV std"),
-            ("max_grad_norm", "max grad norm"), ("loss_spikes", "loss spikes"),
-            ("tev_gradvar_spearman", "TEV~grad var (raw)"), ("tev_gradvar_spearman_diff", "TEV~grad var (diff)")]
+    cols = [("eval/ppl", "final val ppl"), ("tev/mean", "TEV mean"), ("tev/std", "TEV std"),
+            ("max_grad_norm", "max grad norm"), ("stability/loss_spikes", "loss spikes"),
+            ("tev/gradvar_spearman", "TEV~grad var (raw)"), ("tev/gradvar_spearman_diff", "TEV~grad var (diff)")]
     lines = ["| depth | variant | seeds | " + " | ".join(c[1] for c in cols) + " |",
              "|---|---|---|" + "---|" * len(cols)]
     for (depth, variant), group in sorted(groups.items()):
@@ -137,7 +143,7 @@ def _comparison(members: list[Member]) -> list[str]:
         for base in sorted({m.variant for m in members if m.depth == depth} - {"mlra"}):
             other = {m.seed: m for m in members if m.depth == depth and m.variant == base}
             cells = []
-            for key in ("val_ppl", "tev_mean"):
+            for key in ("eval/ppl", "tev/mean"):
                 pairs = [(mlra[s].last.get(key), other[s].last.get(key)) for s in sorted(set(mlra) & set(other))]
                 pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
                 if not pairs:
@@ -150,12 +156,14 @@ def _comparison(members: list[Member]) -> list[str]:
 
 
 def _instability(members: list[Member]) -> list[str]:
-    skipped = [m for m in members if m.last.get("skipped_steps", 0) > 0]
-    spiked = [m for m in members if m.last.get("loss_spikes", 0) > 0]
+    skipped = [m for m in members if m.last.get("train/skipped_steps", 0) > 0]
+    spiked = [m for m in members if m.last.get("stability/loss_spikes", 0) > 0]
     lines = [f"Runs with non-finite (skipped) steps: {len(skipped)} of {len(members)}"
-             + (": " + ", ".join(f"{m.name} ({int(m.last['skipped_steps'])})" for m in skipped) if skipped else "."),
+             + (": " + ", ".join(f"{m.name} ({int(m.last['train/skipped_steps'])})" for m in skipped)
+                if skipped else "."),
              f"Runs with loss spikes: {len(spiked)} of {len(members)}"
-             + (": " + ", ".join(f"{m.name} ({int(m.last['loss_spikes'])})" for m in spiked) if spiked else ".")]
+             + (": " + ", ".join(f"{m.name} ({int(m.last['stability/loss_spikes'])})" for m in spiked)
+                if spiked else ".")]
     return lines
 
 
@@ -229,8 +237,9 @@ def build_report(target: str, tracking_uri: str | None, out: Path, log=print) ->
     out.mkdir(parents=True, exist_ok=True)
     plots = []
     for key in SERIES:
-        _plot_series(members, key, out / f"{key}.png")
-        plots.append(f"{key}.png")
+        name = {"tev/mean": "tev_mean", "train/loss": "loss", "train/grad_norm": "grad_norm"}[key] + ".png"
+        _plot_series(members, key, out / name)
+        plots.append(name)
     if any(m.resid for m in members):
         _plot_resid(members, out / "resid_var.png")
         plots.append("resid_var.png")

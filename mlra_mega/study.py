@@ -31,6 +31,7 @@ from pathlib import Path
 
 import yaml
 
+from mlra_mega.metrics.names import normalize
 from mlra_mega.metrics.stability import SpikeDetector, spearman
 
 __all__ = ["SPIKE_WINDOW", "SPIKE_Z", "StudyRun", "load_runs", "study_plots", "study_tables", "variant_of"]
@@ -114,20 +115,21 @@ def load_runs(sweep_dir: Path) -> list[StudyRun]:
                        cfg["train"]["seed"], cfg["model"]["hidden_size"], cfg["train"]["steps"],
                        cfg["optim"]["warmup_steps"], cfg["optim"]["clip_grad"])
         for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            r = json.loads(line)
+            r = normalize(json.loads(line))  # the archived members have the flat names of their day
             step = r["step"]
-            if "loss" in r:
-                run.loss[step], run.grad_norm[step] = r["loss"], r["grad_norm"]
-                run.skipped = r.get("skipped_steps", 0)
-                if r.get("tev_mean") is not None:
-                    run.tev[step] = r["tev_mean"]
-                if "grad_var_embedding" in r:
-                    run.grad_var[step] = r["grad_var_embedding"]
-                layers = {int(k.rsplit("_", 1)[1]): v for k, v in r.items() if k.startswith("resid_var/layer_")}
+            if "train/loss" in r:
+                run.loss[step], run.grad_norm[step] = r["train/loss"], r["train/grad_norm"]
+                run.skipped = r.get("train/skipped_steps", 0)
+                if r.get("tev/mean") is not None:
+                    run.tev[step] = r["tev/mean"]
+                if "stability/grad_var_embedding" in r:
+                    run.grad_var[step] = r["stability/grad_var_embedding"]
+                layers = {int(k.rsplit("_", 1)[1]): v for k, v in r.items()
+                          if k.startswith("stability/resid_var/layer_")}
                 if layers:
                     run.resid = layers
-            if "val_ppl" in r and step == run.steps:
-                run.val_ppl = r["val_ppl"]
+            if "eval/ppl" in r and step == run.steps:
+                run.val_ppl = r["eval/ppl"]
         if run.loss and max(run.loss) >= run.steps:
             out.append(run)
     return out

@@ -54,7 +54,7 @@ def run_overrides(profile: dict, variant: str, depth: int, lr: float, steps: int
 
 def summarize(history: list, run_dir: Path, warmup: int) -> dict:
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    evals = [r for r in records if "val_loss" in r]
+    evals = [{"val_loss": r["eval/loss"], "val_ppl": r["eval/ppl"]} for r in records if "eval/loss" in r]
     after = [m for m in history if m.step > warmup and math.isfinite(m.grad_norm)]
     finite = all(math.isfinite(m.loss) for m in history) and not history[-1].skipped_steps
     return {"val_loss": evals[-1]["val_loss"] if evals and finite else math.inf,

@@ -60,14 +60,16 @@ def outcome(run_dir: Path, steps: int) -> float | None:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None
-    records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "val_loss" in r and r["step"] == steps]
+    from mlra_mega.metrics.names import normalize
+
+    records = [normalize(json.loads(x)) for x in path.read_text().splitlines() if x.strip()]
+    train = [r for r in records if "train/loss" in r]
+    evals = [r for r in records if "eval/loss" in r and r["step"] == steps]
     if not train or train[-1]["step"] < steps or not evals:
         return None
-    diverged = (any(not math.isfinite(r["loss"]) for r in train) or train[-1].get("skipped_steps", 0) > 0
-                or not math.isfinite(evals[-1]["val_loss"]))
-    return math.inf if diverged else float(evals[-1]["val_loss"])
+    diverged = (any(not math.isfinite(r["train/loss"]) for r in train) or train[-1].get("train/skipped_steps", 0) > 0
+                or not math.isfinite(evals[-1]["eval/loss"]))
+    return math.inf if diverged else float(evals[-1]["eval/loss"])
 
 
 def bracket(variant: str, out: Path, steps: int, log=print) -> dict[float, float]:

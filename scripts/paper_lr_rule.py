@@ -17,11 +17,15 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mlra_mega.metrics.names import normalize  # noqa: E402
+
 
 def trains(records: list[dict]) -> bool:
-    losses = [r["loss"] for r in records]
+    losses = [r["train/loss"] for r in records]
     return (len(losses) >= 20 and all(math.isfinite(x) for x in losses)
-            and records[-1].get("skipped_steps", 0) == 0 and records[-1].get("loss_spikes", 0) == 0
+            and records[-1].get("train/skipped_steps", 0) == 0 and records[-1].get("stability/loss_spikes", 0) == 0
             and sum(losses[-10:]) / 10 < sum(losses[:10]) / 10)
 
 
@@ -35,11 +39,12 @@ def main() -> int:
         if not (run / "metrics.jsonl").is_file():
             continue
         lr = yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"]
-        records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+        records = [r for r in (normalize(json.loads(x)) for x in (run / "metrics.jsonl").read_text().splitlines()
+                               if x.strip()) if "train/loss" in r]
         verdict = trains(records)
         print(f"[lr rule] lr {lr:g}: {'trains' if verdict else 'diverges'} "
-              f"(first 10 {sum(r['loss'] for r in records[:10]) / 10:.3f}, "
-              f"last 10 {sum(r['loss'] for r in records[-10:]) / 10:.3f})", file=sys.stderr)
+              f"(first 10 {sum(r['train/loss'] for r in records[:10]) / 10:.3f}, "
+              f"last 10 {sum(r['train/loss'] for r in records[-10:]) / 10:.3f})", file=sys.stderr)
         if verdict:
             ok.append(lr)
     if not ok:

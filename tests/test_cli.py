@@ -73,9 +73,9 @@ def test_quickstart_smoke_learns(tmp_path: Path, capsys: pytest.CaptureFixture[s
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
     assert run.info.status == "FINISHED"
-    for key in ("loss", "tev_mean", "tev_std", "grad_norm", "tokens_per_s"):
+    for key in ("train/loss", "tev/mean", "tev/std", "train/grad_norm", "perf/tokens_per_s"):
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == list(range(1, 41)), key
-    assert client.get_metric_history(run.info.run_id, "val_ppl")
+    assert client.get_metric_history(run.info.run_id, "eval/ppl")
     # A second run reuses the tokenizer and dataset rather than making them again.
     assert main(["quickstart", "train.steps=1", f"run.root={tmp_path}"]) == 0
     assert "[tokenizer]" not in capsys.readouterr().out

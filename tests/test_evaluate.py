@@ -49,7 +49,7 @@ def test_eval_tasks_during_training_are_logged_with_the_step_and_change_nothing(
     import mlflow
 
     with_tasks, plain = steps(runs["tasks"]), steps(runs["plain"])
-    keys = ("loss", "grad_norm", "tev_mean")
+    keys = ("train/loss", "train/grad_norm", "tev/mean")
     assert [[r[k] for k in keys] for r in with_tasks] == [[r[k] for k in keys] for r in plain]
     logged = {r["step"]: r for r in with_tasks if "eval/docstring_choice/acc" in r}
     assert sorted(logged) == [2, 4]
@@ -90,13 +90,13 @@ def test_text_perplexity_equals_the_export_and_the_validation_perplexity(runs: d
     from mlra_mega.perplexity import rolling_perplexity
 
     run = runs["plain"]
-    val = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r][-1]
+    val = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval/loss" in r][-1]
     stream = _validation_stream(run, tokenizer_dir)
     with one_process():
         src = load_source(run)
         ours = rolling_perplexity(src.lm, stream, window=32)
         assert ours.windows == (len(stream) - 1) // 32
-        assert ours.nll / ours.tokens == pytest.approx(val["val_loss"], rel=1e-5)
+        assert ours.nll / ours.tokens == pytest.approx(val["eval/loss"], rel=1e-5)
         # A smaller stride gives later tokens more context: a different, still finite, number.
         assert rolling_perplexity(src.lm, stream[:200], window=32, stride=8).windows == math.ceil((199 - 32) / 8) + 1
 

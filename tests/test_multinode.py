@@ -132,7 +132,7 @@ def mlflow_run(server: Server, run_dir: Path):
 
 def mlflow_steps(server: Server, run_dir: Path) -> list[int]:
     client, run = mlflow_run(server, run_dir)
-    return sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
 
 
 def assert_crash_replay_in_mlflow(server: Server, run_dir: Path, reference: Path, rel: float = 1e-6) -> None:
@@ -140,7 +140,7 @@ def assert_crash_replay_in_mlflow(server: Server, run_dir: Path, reference: Path
     resumed job logs them again, their range is in the `replayed_steps` tag, and each step's
     last value is the resumed job's, equal to the uninterrupted job's."""
     client, run = mlflow_run(server, run_dir)
-    history = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: (m.step, m.timestamp))
+    history = sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: (m.step, m.timestamp))
     logged = [m.step for m in history]
     assert sorted(set(logged)) == list(range(1, STEPS + 1))
     twice = sorted({s for s in logged if logged.count(s) > 1})
@@ -149,7 +149,7 @@ def assert_crash_replay_in_mlflow(server: Server, run_dir: Path, reference: Path
         assert run.data.tags["replayed_steps"] == f"5-{twice[-1]}", run.data.tags
     last = {m.step: m.value for m in history}
     for r in steps(reference):
-        assert last[r["step"]] == pytest.approx(r["loss"], rel=rel, abs=0)
+        assert last[r["step"]] == pytest.approx(r["train/loss"], rel=rel, abs=0)
 
 
 def slurm_log(run_dir: Path) -> str:
@@ -161,8 +161,8 @@ def assert_every_step_once_like(run: Path, reference: Path, server: Server | Non
     records = steps(run)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     for a, b in zip(records, steps(reference), strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=rel, abs=0), (a, b)
-        assert a["consumed_samples"] == b["consumed_samples"]
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=rel, abs=0), (a, b)
+        assert a["train/consumed_samples"] == b["train/consumed_samples"]
     if server is not None:
         assert mlflow_steps(server, run) == list(range(1, STEPS + 1))
 
@@ -203,8 +203,8 @@ def test_tp2_in_each_node_dp2_across_them_equals_one_node(straight, server: Serv
     ours, ref = steps(run), steps(elastic_straight)
     assert [r["step"] for r in ours] == list(range(1, STEPS + 1))
     for a, b in zip(ours, ref, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=0)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6, abs=0)
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-6, abs=0)
+        assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-6, abs=0)
     assert mlflow_steps(server, run) == list(range(1, STEPS + 1))
     log = slurm_log(run)
     assert "4 processes = tensor 2 x data 2" in log and "on node[1-2]" in log, log[-2000:]

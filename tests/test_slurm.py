@@ -100,7 +100,7 @@ def mlflow_steps(run_dir: Path) -> list[int]:
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.parent.resolve() / 'mlflow.db'}")
     exp = client.get_experiment_by_name("quickstart")
     (run,) = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == run_dir.name]
-    return sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +138,8 @@ def test_preempted_job_requeues_resumes_and_matches(how: str, cluster, reference
     wait_done(job)
     records = steps(run)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
-    assert records[-1]["loss"] == steps(reference)[-1]["loss"]
-    assert all(a["loss"] == b["loss"] for a, b in zip(records, steps(reference)))
+    assert records[-1]["train/loss"] == steps(reference)[-1]["train/loss"]
+    assert all(a["train/loss"] == b["train/loss"] for a, b in zip(records, steps(reference)))
     assert mlflow_steps(run) == list(range(1, STEPS + 1))
     starts = batch_times(run)
     assert len(starts) == 2, "the job ran twice: before and after the requeue"
@@ -177,7 +177,7 @@ def test_sweep_submits_each_member_and_they_report_to_one_server(cluster, tmp_pa
                                       filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
         assert sorted(r.info.run_name for r in children) == ["mlra-s0", "vanilla-s0"]
         for run in children:
-            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(1, 21))
+            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(1, 21))
     finally:
         server.stop()
 

@@ -58,8 +58,8 @@ def test_sweep_skips_resumes_and_reports(tmp_path: Path, tokenizer_dir: Path, sa
     for run in children:
         assert run.data.tags["sweep"] == "tiny" and run.data.tags["model.num_layers"] == "2"
         assert run.info.status == "FINISHED"
-        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(1, 7))
-        assert {"tev_gradvar_spearman", "tev_gradvar_spearman_diff", "grad_var_embedding"} <= set(run.data.metrics)
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(1, 7))
+        assert {"tev/gradvar_spearman", "tev/gradvar_spearman_diff", "stability/grad_var_embedding"} <= set(run.data.metrics)
 
     report = build_report("tiny", uri, tmp_path / "report", log=lambda s: None)
     text = report.read_text()
@@ -70,7 +70,7 @@ def test_sweep_skips_resumes_and_reports(tmp_path: Path, tokenizer_dir: Path, sa
     assert logged == {"report.md", "tev_mean.png", "loss.png", "grad_norm.png", "resid_var.png"}
     # The table's numbers are the runs' own: the final validation perplexity of each member.
     for run in children:
-        ppl = run.data.metrics["val_ppl"]
+        ppl = run.data.metrics["eval/ppl"]
         assert f"{ppl:.5g} +- 0" in text
 
 
@@ -160,7 +160,7 @@ def test_a_member_interrupted_before_its_first_checkpoint_is_kept_aside(tmp_path
 
     member = tmp_path / "vanilla-s0"
     member.mkdir()
-    (member / "metrics.jsonl").write_text('{"step": 1, "loss": 6.0}\n')
+    (member / "metrics.jsonl").write_text('{"step": 1, "train/loss": 6.0}\n')
     notes: list[str] = []
     aside = set_aside_unresumable(member, 60, notes.append)
     assert aside == tmp_path / "vanilla-s0.interrupted-1" and (aside / "metrics.jsonl").is_file()

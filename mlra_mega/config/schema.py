@@ -229,11 +229,20 @@ class ZeroConfig:
 
     stage: int = option(1, "DeepSpeed ZeRO stage 0-3 over the data-parallel group")
     template: str | None = option(None, "a DeepSpeed JSON for fields not modelled here (ours win where both set one)")
+    # Chosen by bench/comm.py's settings table (docs/performance.md section 10), set here so that
+    # every run's deepspeed.json and MLflow params record them.
+    overlap_comm: bool = option(False, "DeepSpeed reduces gradient buckets while the backward goes on (ZeRO 1-3)")
+    reduce_bucket_size: int = option(500_000_000, "elements per DeepSpeed gradient-reduction bucket")
+    allgather_bucket_size: int = option(500_000_000, "elements per DeepSpeed parameter all-gather bucket (ZeRO 1-2)")
 
     def validate(self, prefix: str = "zero") -> None:
         if self.stage not in (0, 1, 2, 3):
             raise ConfigError(f"{prefix}.stage", f"must be 0, 1, 2 or 3, got {self.stage}",
                               "pick a ZeRO stage from 0 to 3")
+        for name in ("reduce_bucket_size", "allgather_bucket_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{prefix}.{name}", f"must be >= 1 element, got {getattr(self, name)}",
+                                  "give a bucket size in elements, e.g. 500000000")
 
 
 @dataclass
@@ -326,8 +335,17 @@ class DataConfig:
     split: str = option("98,1,1", "train, valid, test weights over documents")
     seed: int | None = option(None, "seed of the data order (null: train.seed)")
     cache_dir: str | None = option(None, "megatron's index cache; None: ~/.cache/mlra_mega/index")
+    num_workers: int = option(2, "DataLoader worker processes per rank reading batches ahead of the step "
+                                 "(0: read in the step)")
+    prefetch_factor: int = option(2, "global batches each worker reads ahead")
 
     def validate(self, prefix: str = "data") -> None:
+        if self.num_workers < 0:
+            raise ConfigError(f"{prefix}.num_workers", f"must be >= 0, got {self.num_workers}",
+                              "use 0 to read batches in the step, or N worker processes")
+        if self.prefetch_factor < 1:
+            raise ConfigError(f"{prefix}.prefetch_factor", f"must be >= 1, got {self.prefetch_factor}",
+                              "give the global batches each worker reads ahead, e.g. 2")
         if self.seed is not None:
             _check_seed(f"{prefix}.seed", self.seed)
         if self.weights is not None:
@@ -345,11 +363,18 @@ class MetricsConfig:
 
     tev_interval: int = option(1, "TEV every this many steps (0 = off)")
     peak_tflops: float | None = option(None, "the accelerator's peak TFLOP/s, for MFU (null: no MFU)")
-    comm_interval: int = option(0, "the communication ledger every N steps: comm/<group>/bytes, calls, time_s "
-                                   "and data_wait_s of that step (0 = off: nothing is wrapped)")
+    comm_interval: int = option(0, "the communication ledger every N steps: comm/<group>/bytes, calls and "
+                                   "time_s of that step (0 = off: nothing is wrapped)")
+    memory_interval: int = option(1, "peak host / accelerator memory over the ranks every N steps: "
+                                     "perf/peak_host_gib, perf/peak_accel_gib and the rank of each (0 = off)")
+    system_metrics: bool = option(True, "MLflow's system metrics (CPU, memory, GPU) from rank 0 of each node")
+    system_metrics_interval_s: float = option(10.0, "seconds between two system-metrics samples")
 
     def validate(self, prefix: str = "metrics") -> None:
-        for name in ("tev_interval", "comm_interval"):
+        if not self.system_metrics_interval_s > 0:
+            raise ConfigError(f"{prefix}.system_metrics_interval_s", f"must be > 0, got {self.system_metrics_interval_s}",
+                              "give the seconds between two samples, e.g. 10")
+        for name in ("tev_interval", "comm_interval", "memory_interval"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}",
                                   "use 0 to turn it off, or N to record it every N steps")

@@ -247,13 +247,17 @@ class TrainBatches:
         start = consumed + self.dp_rank * per_rank
         return list(range(start, start + per_rank))
 
+    def batch_at(self, consumed: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the global batch starting at `consumed` samples."""
+        samples = [self.dataset[self.order[k]] for k in self.rank_indices(consumed)]
+        m = self.micro_batch_size
+        return [collate(samples[i:i + m]) for i in range(0, len(samples), m)]
+
     def next_global_batch(self) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches of the next global batch; advances consumed_samples."""
-        ks = self.rank_indices(self.consumed_samples)
-        samples = [self.dataset[self.order[k]] for k in ks]
-        m = self.micro_batch_size
+        micro = self.batch_at(self.consumed_samples)
         self.consumed_samples += self.global_batch_size
-        return [collate(samples[i:i + m]) for i in range(0, len(samples), m)]
+        return micro
 
     def __iter__(self) -> Iterator[list[dict[str, torch.Tensor]]]:
         while True:

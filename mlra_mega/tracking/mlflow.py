@@ -46,13 +46,14 @@ from mlra_mega.train.callbacks import CONFIG_CHANGES, Callback, Priority
 from mlra_mega.train.checkpoint import package_versions
 
 __all__ = ["BUFFER", "MLflowLogger", "check_tracking_store", "default_tracking_uri", "sync_run", "tracking_uri",
-           "ui_command"]
+           "run_page_url", "ui_command"]
 
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 BUFFER = "mlflow-buffer.jsonl"
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 RUN_ID_FILE = "mlflow-run-id"
 _BATCH = 900  # MLflow takes at most 1000 metrics per log_batch
 _PARAM_BATCH = 90  # and at most 100 params
@@ -140,6 +141,15 @@ def _permanent(exc: BaseException) -> str | None:
 
 def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {mask(uri)}"
+
+
+def run_page_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's charts in MLflow's model-training view. MLflow 3's UI picks its view from the
+    `workflowType` parameter (else the browser's last choice, GenAI by default), so the link
+    names it; older UIs read the experiment's `mlflow.experimentKind` tag, which is set too.
+    A local store's page is what `mlflow ui` serves on its default port."""
+    base = strip_masked(mask(uri)).rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics?workflowType=machine_learning"
 
 
 def _git_sha() -> str:
@@ -326,7 +336,7 @@ class MLflowLogger(Callback):
                 # A crash mid-outage can leave steps of metrics.jsonl (up to the checkpoint) unsent.
                 mine = _steps_of(self.run_dir / "metrics.jsonl", up_to=resumed)
                 self._pending = _missing_from_server(client, self.run_id, mine) + self._pending
-                logged = [m.step for m in client.get_metric_history(self.run_id, "loss")]
+                logged = [m.step for m in client.get_metric_history(self.run_id, "train/loss")]
                 if logged and max(logged) > resumed:
                     _add_replayed_tag(client, self.run_id, resumed + 1, max(logged))
         else:
@@ -339,6 +349,10 @@ class MLflowLogger(Callback):
                 exp_id = client.create_experiment(name, artifact_location=location)
             else:
                 exp_id = exp.experiment_id
+            if exp is None or EXPERIMENT_KIND not in exp.tags:  # never over a kind the user set
+                # Without it MLflow 3's UI opens the experiment in its GenAI view (traces and
+                # evaluations); this kind opens the model-training view, charts first.
+                client.set_experiment_tag(exp_id, EXPERIMENT_KIND, MODEL_TRAINING)
             run_id = client.create_run(exp_id, run_name=self.run_dir.name).info.run_id
             params = [Param(k, str(v)[:6000]) for k, v in self.params.items()]
             for i in range(0, len(params), _PARAM_BATCH):
@@ -354,6 +368,7 @@ class MLflowLogger(Callback):
                 client.set_tag(run_id, k, v)
             self.run_id = run_id
             atomic_write_text(self.run_dir / RUN_ID_FILE, run_id + "\n")
+            print(f"[mlflow] run page: {run_page_url(self.uri, exp_id, run_id)}", flush=True)
         self._client = client
 
     def _write_buffer(self, new: list[dict[str, Any]] | None = None) -> None:

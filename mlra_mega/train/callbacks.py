@@ -116,15 +116,16 @@ class ConsoleLogger(Callback):
             return
         done = step - self._start_step
         eta = (time.perf_counter() - self._start) / max(done, 1) * (total - step)
-        tev = f"  tev {m['tev_mean']:.5f} +- {m['tev_std']:.5f}" if "tev_mean" in m else ""
-        mfu = f"  mfu {m['mfu']:.1%}" if "mfu" in m else ""
-        self.print(f"step {step:>6}/{total}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  grad {m['grad_norm']:.3f}{tev}"
-                   f"  {m['tokens_per_s']:,.0f} tok/s  {m['tflops_per_device']:.2f} TFLOP/s{mfu}  "
+        tev = f"  tev {m['tev/mean']:.5f} +- {m['tev/std']:.5f}" if "tev/mean" in m else ""
+        mfu = f"  mfu {m['perf/mfu']:.1%}" if "perf/mfu" in m else ""
+        self.print(f"step {step:>6}/{total}  loss {m['train/loss']:.4f}  lr {m['train/lr']:.2e}  "
+                   f"grad {m['train/grad_norm']:.3f}{tev}  {m['perf/tokens_per_s']:,.0f} tok/s  "
+                   f"{m['perf/tflops_per_device']:.2f} TFLOP/s{mfu}  "
                    f"eta {_fmt_eta(eta)}", flush=True)
 
     def on_eval_end(self, trainer: "Trainer", step: int, metrics: dict[str, float]) -> None:
         if trainer.ctx.is_main:
-            self.print(f"eval at step {step}: loss {metrics['val_loss']:.4f}  ppl {metrics['val_ppl']:.2f}",
+            self.print(f"eval at step {step}: loss {metrics['eval/loss']:.4f}  ppl {metrics['eval/ppl']:.2f}",
                        flush=True)
 
 

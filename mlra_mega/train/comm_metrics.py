@@ -6,8 +6,9 @@ stages, world). A step is what happens from its `on_step_start` to this callback
 which runs before every other callback's (`Priority.LEDGER`): the micro-batches' forward and
 backward, the optimizer, the non-finite agreement, TEV, the loss's mean; not what the callbacks,
 the evaluation or a checkpoint communicate after it. Every `comm_interval` steps the step's totals
-are recorded: `comm/<group>/bytes`, `comm/<group>/calls`, `comm/<group>/time_s`, and
-`data_wait_s`, the time the step waited for its batches. With the interval 0 nothing is wrapped.
+are recorded: `comm/<group>/bytes`, `comm/<group>/calls`, `comm/<group>/time_s` (the time the
+step waited for its batches is a step metric, `perf/data_wait_s`). With the interval 0 nothing
+is wrapped.
 """
 
 from __future__ import annotations
@@ -60,7 +61,6 @@ class CommMetrics(Callback):
             trainer.record_metric(f"comm/{group}/bytes", float(s.bytes))
             trainer.record_metric(f"comm/{group}/calls", float(s.calls))
             trainer.record_metric(f"comm/{group}/time_s", s.time_s)
-        trainer.record_metric("data_wait_s", trainer.data_wait_s)
 
     def on_fit_end(self, trainer: "Trainer") -> None:
         if self.ledger is not None:

@@ -50,7 +50,9 @@ def deepspeed_config(train: TrainConfig, optim: OptimConfig, zero: ZeroConfig, d
     ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size * (accumulation if pipeline else 1)
     ds["gradient_accumulation_steps"] = 1 if pipeline else accumulation
     ds["gradient_clipping"] = optim.clip_grad
-    ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": zero.stage}
+    ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": zero.stage,
+                               "overlap_comm": zero.overlap_comm, "reduce_bucket_size": zero.reduce_bucket_size,
+                               "allgather_bucket_size": zero.allgather_bucket_size}
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": t.precision == "bf16"}
     ds["fp16"] = {"enabled": False}
     ds["zero_allow_untested_optimizer"] = True  # torch's AdamW: no JIT-built DeepSpeed optimizer

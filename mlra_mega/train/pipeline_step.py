@@ -72,10 +72,10 @@ class PipelineStep(TrainStep):
     def _forward_step(self, data_iterator, model: torch.nn.Module):
         batch = next(data_iterator)
         dev = self.ctx.device
-        tokens, labels = batch["tokens"].to(dev), batch["labels"].to(dev)
+        tokens, labels = batch["tokens"].to(dev, non_blocking=True), batch["labels"].to(dev, non_blocking=True)
         positions = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
         output = model(tokens, positions, None, labels=labels)
-        return output, functools.partial(self._loss_func, batch["loss_mask"].to(dev).float())
+        return output, functools.partial(self._loss_func, batch["loss_mask"].to(dev, non_blocking=True).float())
 
     def _run_schedule(self, micro_batches: Sequence[dict[str, torch.Tensor]], forward_only: bool) -> float:
         """Runs the micro-batches through the pipeline; their mean loss (on every stage)."""

@@ -23,6 +23,7 @@ import yaml
 from mlra_mega import distributed
 from mlra_mega.config import ConfigError, RunConfig, check_run_inputs, flatten, migrate_saved, public_dict
 from mlra_mega.data.datasets import SampleOrder, TrainBatches, build_datasets
+from mlra_mega.data.loader import PrefetchedBatches
 from mlra_mega.data.tokenizer import CARD_FILE, MODEL_FILE, check_vocab, load_tokenizer
 from mlra_mega.distributed import ParallelContext, launch_env
 from mlra_mega.errors import MlraMegaError, PeerLost
@@ -30,9 +31,11 @@ from mlra_mega.files import atomic_write_text
 from mlra_mega.model.build import build_model, recompute_settings
 from mlra_mega.model.hf_import import load_hf_weights
 from mlra_mega.tracking.mlflow import MLflowLogger, check_tracking_store, tracking_uri
+from mlra_mega.tracking.system_metrics import SystemMetrics
 from mlra_mega.train.callbacks import CONFIG_CHANGES, Callback, ConsoleLogger, MetricsFile, RunSummary
 from mlra_mega.train.checkpoint import Checkpointer
 from mlra_mega.train.comm_metrics import CommMetrics
+from mlra_mega.train.peak_memory import PeakMemory
 from mlra_mega.train.engine import build_engine, release_engine
 from mlra_mega.train.nonfinite import drill_from
 from mlra_mega.train.profiler import StepProfiler
@@ -159,6 +162,8 @@ def _callbacks(cfg: RunConfig, ctx: ParallelContext, run_dir: Path, rank_log: Ra
         out.append(HangDrill(faults.inject_hang_step, faults.inject_hang_rank, faults.inject_hang_s))
     if cfg.metrics.comm_interval:
         out.append(CommMetrics(cfg.metrics.comm_interval, ctx))
+    if cfg.metrics.memory_interval:
+        out.append(PeakMemory(cfg.metrics.memory_interval, ctx))
     out += [StepProfiler(cfg.profile, run_dir, ctx.rank, log),
             *stability_callbacks(cfg.diagnostics, sequence_parallel=cfg.parallel.sequence_parallel,
                                  vocab_size=cfg.model.vocab_size, log=main_log),
@@ -171,10 +176,13 @@ def _callbacks(cfg: RunConfig, ctx: ParallelContext, run_dir: Path, rank_log: Ra
     if cfg.tracking.enabled:
         out.append(MLflowLogger(cfg.tracking, run_dir, params=flatten(public_dict(cfg)), runs_root=cfg.run.root,
                                 zero_stage=cfg.zero.stage))
+        if cfg.metrics.system_metrics:
+            out.append(SystemMetrics(tracking_uri(cfg), run_dir, cfg.metrics.system_metrics_interval_s,
+                                     cfg.tracking.final_flush_s))
     return out
 
 
-def _run(cfg: RunConfig, ctx: ParallelContext, engine, batches: TrainBatches, data, run_dir: Path,
+def _run(cfg: RunConfig, ctx: ParallelContext, engine, batches: PrefetchedBatches, data, run_dir: Path,
          checkpointer: Checkpointer, ckpt, sidecar, ds_cfg: dict, callbacks: Sequence[Callback], rank_log: RankLog,
          log: Callable[[str], None]) -> tuple[list[StepMetrics], Path]:
     """The trainer with its callbacks, inside the rank's log."""
@@ -202,6 +210,7 @@ def _run(cfg: RunConfig, ctx: ParallelContext, engine, batches: TrainBatches, da
         raise
     finally:
         restore_handlers(previous)
+        batches.close()
     if trainer.stop_reason is not None and ctx.is_main:
         log(f"[train] {trainer.stop_reason}; {run_dir / PREEMPTED} written")
     return history, run_dir
@@ -244,9 +253,12 @@ def _train(cfg: RunConfig, callbacks: Sequence[Callback], log: Callable[[str], N
     try:
         seed = cfg.data.seed if cfg.data.seed is not None else cfg.train.seed
         data = build_datasets(cfg.data, cfg.model.seq_length, tokenizer, seed)
-        batches = TrainBatches(data.train, SampleOrder(len(data.train), seed),
-                               global_batch_size=cfg.train.global_batch_size,
-                               micro_batch_size=cfg.train.micro_batch_size, dp_rank=ctx.dp_rank, dp_size=dp)
+        batches = PrefetchedBatches(TrainBatches(data.train, SampleOrder(len(data.train), seed),
+                                                 global_batch_size=cfg.train.global_batch_size,
+                                                 micro_batch_size=cfg.train.micro_batch_size, dp_rank=ctx.dp_rank,
+                                                 dp_size=dp),
+                                    num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor,
+                                    pin_memory=ctx.device.type == "cuda")
         model = build_model(cfg.model, tensor_parallel=ctx.tp_size, sequence_parallel=cfg.parallel.sequence_parallel,
                             bf16=cfg.train.precision == "bf16",
                             recompute=recompute_settings(cfg.train.recompute, cfg.train.recompute_method,

@@ -92,9 +92,9 @@ class LayerNorms(Callback):
             norms = norms_by_group([(n, p, _sharded(p)) for n, p in params], ctx.tp_rank, ctx.tp_group)
         norms = _over_stages(norms, ctx)
         for k, v in self._grads.items():
-            trainer.record_metric(f"grad_norm/{k}", v)
+            trainer.record_metric(f"stability/grad_norm/{k}", v)
         for k, v in norms.items():
-            trainer.record_metric(f"param_norm/{k}", v)
+            trainer.record_metric(f"stability/param_norm/{k}", v)
 
 
 class ResidualProbe(Callback):
@@ -152,7 +152,7 @@ class ResidualProbe(Callback):
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(stacked)  # every micro-batch of every data-parallel rank: the whole batch
         for k, m in zip(keys, stacked.cpu()):
-            trainer.record_metric(f"resid_var/{k}", variance_from_moments(m))
+            trainer.record_metric(f"stability/resid_var/{k}", variance_from_moments(m))
         self._moments, self._micro = {}, -1
 
     def on_fit_end(self, trainer: Any) -> None:
@@ -175,7 +175,7 @@ class SpikeMonitor(Callback):
         before = self.detector.spikes
         score = self.detector.update(metrics.loss)
         if score is not None:
-            trainer.record_metric("loss_spike_score", score)
+            trainer.record_metric("stability/loss_spike_score", score)
         if self.detector.spikes > before:
             self.log(f"[stability] loss spike at step {metrics.step}: loss {metrics.loss:.4f}, z = {score:.1f} "
                      f"({self.detector.spikes} in this run)")
@@ -184,8 +184,8 @@ class SpikeMonitor(Callback):
             if prev and metrics.step > self.min_history and abs(metrics.tev_mean - prev) / prev > self.tev_jump:
                 self.tev_jumps += 1
                 self.log(f"[stability] TEV jump at step {metrics.step}: {prev:.5f} -> {metrics.tev_mean:.5f}")
-        trainer.record_metric("loss_spikes", self.detector.spikes)
-        trainer.record_metric("tev_jumps", self.tev_jumps)
+        trainer.record_metric("stability/loss_spikes", self.detector.spikes)
+        trainer.record_metric("tev/jumps", self.tev_jumps)
 
     def state_dict(self) -> dict[str, Any]:
         return {"detector": self.detector.state_dict(), "prev_tev": self.prev_tev, "tev_jumps": self.tev_jumps}
@@ -241,8 +241,9 @@ class GradVariance(Callback):
             if tp_group is not None and dist.get_world_size(tp_group) > 1:
                 dist.all_reduce(mean_sq, group=tp_group)  # g_bar is the same on every DP rank
         n = trainer.engine.gradient_accumulation_steps() * trainer.ctx.dp_size
-        self._values = {"grad_var": grad_variance(float(micro[0]), n, float(mean_sq[0]), int(mean_sq[2])),
-                        "grad_var_embedding": grad_variance(float(micro[1]), n, float(mean_sq[1]), int(mean_sq[3]))}
+        self._values = {"stability/grad_var": grad_variance(float(micro[0]), n, float(mean_sq[0]), int(mean_sq[2])),
+                        "stability/grad_var_embedding": grad_variance(float(micro[1]), n, float(mean_sq[1]),
+                                                                      int(mean_sq[3]))}
         self._micro.zero_()
 
     def on_step_end(self, trainer: Any, metrics: Any) -> None:
@@ -252,14 +253,14 @@ class GradVariance(Callback):
             tev = metrics.tev_mean
             if tev is None:
                 tev = embedding_tev(trainer.model, self.vocab_size, trainer.ctx.tp_group).mean
-            self.series.append((metrics.step, tev, self._values["grad_var_embedding"]))
+            self.series.append((metrics.step, tev, self._values["stability/grad_var_embedding"]))
             self._values = {}
         if metrics.step == trainer.end_step and len(self.series) >= 3:
             tev = [s[1] for s in self.series]
             var = [s[2] for s in self.series]
             raw = spearman(tev, var)
             diff = spearman([b - a for a, b in zip(tev, tev[1:])], [b - a for a, b in zip(var, var[1:])])
-            for key, value in (("tev_gradvar_spearman", raw), ("tev_gradvar_spearman_diff", diff)):
+            for key, value in (("tev/gradvar_spearman", raw), ("tev/gradvar_spearman_diff", diff)):
                 if value is not None:
                     trainer.record_metric(key, value)
             self.log(f"[stability] Spearman of TEV mean with the embedding gradient variance over "

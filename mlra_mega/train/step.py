@@ -162,10 +162,10 @@ class TrainStep:
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean per-token loss over the batch's unmasked tokens (training or evaluation)."""
         dev = self.ctx.device
-        tokens, labels = batch["tokens"].to(dev), batch["labels"].to(dev)
+        tokens, labels = batch["tokens"].to(dev, non_blocking=True), batch["labels"].to(dev, non_blocking=True)
         positions = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
         per_token = self.engine(tokens, positions, None, labels=labels)
-        mask = batch["loss_mask"].to(dev).float()
+        mask = batch["loss_mask"].to(dev, non_blocking=True).float()
         return (per_token.float() * mask).sum() / mask.sum()
 
     def evaluate(self, global_batches: Sequence[Sequence[dict[str, torch.Tensor]]]) -> float:

@@ -28,8 +28,10 @@ from typing import Any
 
 from mlra_mega.config import EvalConfig, MetricsConfig, ModelConfig, OptimConfig, TrainConfig
 from mlra_mega.data.datasets import SampleOrder, TrainBatches
+from mlra_mega.data.loader import PrefetchedBatches
 from mlra_mega.distributed import ParallelContext, from_stage
 from mlra_mega.errors import MlraMegaError
+from mlra_mega.metrics.names import sectioned
 from mlra_mega.metrics.tev import embedding_tev
 from mlra_mega.metrics.throughput import throughput
 from mlra_mega.model.build import flops_per_token
@@ -53,6 +55,7 @@ class StepMetrics:
     step_time_s: float
     tokens_per_s: float
     tflops_per_device: float
+    data_wait_s: float = 0.0  # what the step waited for its batches
     mfu: float | None = None
     tev_mean: float | None = None
     tev_std: float | None = None
@@ -62,13 +65,14 @@ class StepMetrics:
     extra: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if v is not None and k != "extra"}
+        """The step's record under the names metrics.jsonl and MLflow use (`metrics.names`)."""
+        out = {sectioned(k): v for k, v in asdict(self).items() if v is not None and k != "extra"}
         out.update(self.extra)
         return out
 
 
 class Trainer:
-    def __init__(self, ctx: ParallelContext, engine: Any, train_batches: TrainBatches, *, train: TrainConfig,
+    def __init__(self, ctx: ParallelContext, engine: Any, train_batches: TrainBatches | PrefetchedBatches, *, train: TrainConfig,
                  optim: OptimConfig, model: ModelConfig, metrics: MetricsConfig, evaluation: EvalConfig,
                  checkpointer: Checkpointer | None = None, valid_dataset: Any | None = None,
                  callbacks: Sequence[Callback] = (), drill: NanDrill | None = None,
@@ -166,6 +170,7 @@ class Trainer:
         return StepMetrics(step=self.step, loss=out.loss, lr=out.lr, grad_norm=out.grad_norm,
                            consumed_samples=self.batches.consumed_samples, step_time_s=elapsed,
                            tokens_per_s=tp.tokens_per_s, tflops_per_device=tp.tflops_per_device, mfu=tp.mfu,
+                           data_wait_s=self.data_wait_s,
                            tev_mean=tev[0] if tev else None, tev_std=tev[1] if tev else None,
                            skipped_steps=self.nonfinite.skipped_total, skipped=1 if out.skipped else None)
 
@@ -209,7 +214,7 @@ class Trainer:
             loss = self.step_object.evaluate([batches.next_global_batch() for _ in range(iters)])
         finally:
             self.engine.train()
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
 
     def _eval_due(self) -> bool:
         every = self.eval_cfg.interval

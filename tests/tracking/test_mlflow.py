@@ -30,7 +30,7 @@ from mlra_mega.train.callbacks import Callback
 from tests.train.test_checkpoint import overrides, steps
 
 REPO = Path(__file__).resolve().parents[2]
-KEYS = ("loss", "lr", "grad_norm", "tev_mean", "consumed_samples")
+KEYS = ("train/loss", "train/lr", "train/grad_norm", "tev/mean", "train/consumed_samples")
 
 
 class Server:
@@ -152,8 +152,8 @@ def _check_exactly_once(uri: str, run_dir: Path, n_steps: int) -> None:
         history = _history(uri, _run_id(run_dir), key)
         assert sorted(m.step for m in history) == list(range(1, n_steps + 1)), key
         assert all(_same(m.value, float(records[m.step][key])) for m in history), key
-    evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
-    assert sorted(m.step for m in _history(uri, _run_id(run_dir), "val_loss")) == [e["step"] for e in evals]
+    evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "eval/loss" in x]
+    assert sorted(m.step for m in _history(uri, _run_id(run_dir), "eval/loss")) == [e["step"] for e in evals]
 
 
 def _cfg(tokenizer_dir: Path, dataset: str, run_dir: Path, *extra: str):
@@ -236,7 +236,7 @@ def test_the_final_flush_keeps_records_the_sender_has_in_hand(tmp_path: Path) ->
     logger.on_fit_start(trainer)
     for step in range(1, 401):
         trainer.step = step
-        logger.on_metrics(trainer, step, {"step": step, "loss": 1.0})
+        logger.on_metrics(trainer, step, {"step": step, "train/loss": 1.0})
         time.sleep(0.003)
     logger.on_fit_end(trainer)
     buffered = [json.loads(x)["step"] for x in (tmp_path / "mlflow-buffer.jsonl").read_text().splitlines()]
@@ -275,7 +275,7 @@ def test_records_go_out_in_one_batch_per_send_interval(tmp_path: Path, interval:
     start = time.monotonic()
     for step in range(1, 101):
         trainer.step = step
-        logger.on_metrics(trainer, step, {"step": step, "loss": 1.0})
+        logger.on_metrics(trainer, step, {"step": step, "train/loss": 1.0})
         if interval:
             time.sleep(0.01)
         else:  # nothing is held back: each record goes out before the next one comes (a state, not a sleep)
@@ -299,10 +299,10 @@ def test_replay_sends_only_what_the_server_lacks(tmp_path: Path) -> None:
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
     run_id = client.create_run(client.create_experiment("e")).info.run_id
-    records = [{"step": s, "ts": 1000 + s, "metrics": {"step": s, "loss": s / 10, "lr": 0.1}} for s in range(1, 11)]
+    records = [{"step": s, "ts": 1000 + s, "metrics": {"step": s, "train/loss": s / 10, "train/lr": 0.1}} for s in range(1, 11)]
     _send(client, run_id, records[:6], check_server=False)  # it landed, but the answer was lost
     assert _send(client, run_id, records, check_server=True) == 8  # 4 steps x 2 keys
-    for key in ("loss", "lr"):
+    for key in ("train/loss", "train/lr"):
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(1, 11))
 
 
@@ -343,14 +343,14 @@ def test_steps_run_again_after_a_crash_are_tagged_and_end_with_the_resumed_value
                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
     assert proc.returncode == 1, proc.stderr[-3000:]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert sorted(m.step for m in _history(uri, _run_id(run_dir), "loss")) == list(range(1, 9))
+    assert sorted(m.step for m in _history(uri, _run_id(run_dir), "train/loss")) == list(range(1, 9))
 
     train(load_config(REPO / "configs" / "quickstart.yaml", args), log=lambda s: None)  # resumes at 5
     run = MlflowClient(tracking_uri=uri).get_run(_run_id(run_dir))
     assert run.data.tags["replayed_steps"] == "6-8" and run.info.status == "FINISHED"
-    history = _history(uri, _run_id(run_dir), "loss")
+    history = _history(uri, _run_id(run_dir), "train/loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6, 6, 7, 7, 8, 8, 9, 10]
     last = {}
     for m in sorted(history, key=lambda m: m.timestamp):
         last[m.step] = m.value
-    assert last == {r["step"]: r["loss"] for r in steps(run_dir)}
+    assert last == {r["step"]: r["train/loss"] for r in steps(run_dir)}

@@ -20,7 +20,7 @@ from mlra_mega.train.safe_load import safe_load
 pytestmark = pytest.mark.slow  # every test here launches processes
 
 REPO = Path(__file__).resolve().parents[2]
-TRAINING_KEYS = ("loss", "lr", "grad_norm", "tev_mean", "tev_std", "consumed_samples")  # not timings
+TRAINING_KEYS = ("train/loss", "train/lr", "train/grad_norm", "tev/mean", "tev/std", "train/consumed_samples")  # not timings
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_length=32",
         "model.attention=mlra", "train.global_batch_size=8", "train.micro_batch_size=2", "optim.lr=1e-3",
         "metrics.tev_interval=1", "eval.interval=0"]
@@ -40,7 +40,7 @@ def torchrun(nproc: int, args: list[str]) -> None:
 
 
 def steps(run_dir: Path) -> list[dict]:
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_resumed_run_equals_the_straight_run_bit_for_bit(resumed_runs) -> None:
     for ra, rb in zip(a, b):
         for key in TRAINING_KEYS:
             assert ra[key] == rb[key], f"step {ra['step']}: {key} {ra[key]!r} != {rb[key]!r}"
-    assert len({r["loss"] for r in a}) == 10  # dropout on, weights moving: ten different losses
+    assert len({r["train/loss"] for r in a}) == 10  # dropout on, weights moving: ten different losses
 
 
 def test_resumed_run_is_one_mlflow_run_with_every_step_once(resumed_runs) -> None:
@@ -77,11 +77,11 @@ def test_resumed_run_is_one_mlflow_run_with_every_step_once(resumed_runs) -> Non
     assert set(runs) == {"straight", "resumed"}
     run = runs["resumed"]
     assert run.info.status == "FINISHED"
-    for key in ("loss", "grad_norm", "tev_mean", "lr"):
+    for key in ("train/loss", "train/grad_norm", "tev/mean", "train/lr"):
         history = client.get_metric_history(run.info.run_id, key)
         assert sorted(m.step for m in history) == list(range(1, 11)), key
-    loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
-    assert loss == {r["step"]: r["loss"] for r in steps(resumed)}
+    loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    assert loss == {r["step"]: r["train/loss"] for r in steps(resumed)}
     assert read_sidecar(find_checkpoint(resumed))["callbacks"]["mlflow"]["run_id"] == run.info.run_id
     assert run.data.params["model.attention"] == "mlra" and run.data.tags["layout"] == "tp2xdp2"
 

@@ -79,9 +79,9 @@ def test_resumed_on_another_layout_continues_the_run(name: str, elastic_runs) ->
     assert "re-derived from (train.seed=" in output
     a, b = steps(elastic_runs["straight"]), steps(run)
     assert [r["step"] for r in b] == list(range(1, STEPS + 1))
-    assert [r["consumed_samples"] for r in b] == [r["consumed_samples"] for r in a]
+    assert [r["train/consumed_samples"] for r in b] == [r["train/consumed_samples"] for r in a]
     for ra, rb in zip(a[4:], b[4:]):
-        for key in ("loss", "grad_norm"):
+        for key in ("train/loss", "train/grad_norm"):
             assert _close(rb[key], ra[key]), f"{name} step {ra['step']}: {key} {rb[key]} vs {ra[key]}"
     sidecar = read_sidecar(find_checkpoint(run))
     assert sidecar["step"] == STEPS and sidecar["consumed_samples"] == a[-1]["consumed_samples"]
@@ -95,7 +95,7 @@ def test_the_resumed_run_is_one_mlflow_run_with_every_step_once(name: str, elast
     client = MlflowClient(tracking_uri=f"sqlite:///{run.parent.resolve() / 'mlflow.db'}")
     (mlrun,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
     assert mlrun.info.status == "FINISHED"
-    for key in ("loss", "grad_norm"):
+    for key in ("train/loss", "train/grad_norm"):
         got = {m.step: m.value for m in client.get_metric_history(mlrun.info.run_id, key)}
         assert len(client.get_metric_history(mlrun.info.run_id, key)) == STEPS
         assert got == {r["step"]: r[key] for r in steps(run)}, key
@@ -131,7 +131,7 @@ def test_reshard_offline_and_resume(tensor: int, pipeline: int, resume_extra: li
     straight = steps(elastic_runs["straight"])
     assert [m.step for m in history] == [5, 6, 7, 8]
     for m, r in zip(history, straight[4:]):
-        assert _close(m.loss, r["loss"]) and _close(m.grad_norm, r["grad_norm"]), (m.step, m.loss, r["loss"])
+        assert _close(m.loss, r["train/loss"]) and _close(m.grad_norm, r["train/grad_norm"]), (m.step, m.loss, r["train/loss"])
 
 
 def test_reshard_refuses_what_it_cannot_do(elastic_runs, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -173,7 +173,7 @@ def test_a_sigkill_during_an_async_save_resumes_from_the_previous_checkpoint(
     assert find_checkpoint(run).tag == "step00000004"
     history, said = _train_in_process(tokenizer_dir, sample_dataset, run, *extra)
     assert [m.step for m in history] == list(range(5, 13))
-    assert [(r["step"], r["loss"], r["grad_norm"]) for r in steps(run)] == [
+    assert [(r["step"], r["train/loss"], r["train/grad_norm"]) for r in steps(run)] == [
         (m.step, m.loss, m.grad_norm) for m in straight_history]
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step00000008", "step00000012"]
     assert all(is_complete(root / t) for t in ("step00000008", "step00000012"))

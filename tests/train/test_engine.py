@@ -73,7 +73,8 @@ def _train(data: TrainData, extra: list[str], callbacks=()) -> dict:
     history, run_dir = train(load_config(None, _overrides(data, extra)), callbacks, log=lambda s: None)
     out = {"loss": [m.loss for m in history], "grad_norm": [m.grad_norm for m in history],
            "tev": [m.tev_mean for m in history if m.tev_mean is not None],
-           "comm": {k: v for k, v in history[-1].extra.items() if k.startswith("comm/") or k == "data_wait_s"}}
+           "comm": {**{k: v for k, v in history[-1].extra.items() if k.startswith("comm/")},
+                    "perf/data_wait_s": history[-1].as_dict()["perf/data_wait_s"]}}
     if dist.get_rank() == 0:  # the final checkpoint read back layout-free (train/elastic.py)
         ckpt = find_checkpoint(run_dir)
         out["state"] = read_state(ckpt.path, read_sidecar(ckpt)["layout"]).params
@@ -155,7 +156,7 @@ def test_the_communication_ledger_matches_the_closed_form(layout: str, data: Tra
     want = expected_step(cfg, tp=2, pp=1, dp=2, zero=1, params=params)
     assert set(want) == {"tp", "dp", "mp", "world"}
     got = dist_result(__name__, 4, "tp2_dp2", data=data)[0][layout]["comm"]
-    assert got["data_wait_s"] >= 0
+    assert got["perf/data_wait_s"] >= 0
     for group, x in want.items():
         sent = got[f"comm/{group}/bytes"]
         if group == "dp" and layout != "zero1_reduce":
@@ -317,7 +318,7 @@ def test_deepspeed_launcher(tmp_path: Path, data: TrainData) -> None:
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    run = {"loss": [r["loss"] for r in records], "grad_norm": [r["grad_norm"] for r in records]}
+    run = {"loss": [r["train/loss"] for r in records], "grad_norm": [r["train/grad_norm"] for r in records]}
     _check(run, ref, REL)
     assert json.loads((run_dir / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 1
 
@@ -368,13 +369,16 @@ def test_lr_schedule() -> None:
 
 def test_deepspeed_config_template_and_ours_win(tmp_path: Path) -> None:
     template = tmp_path / "ds.json"
-    template.write_text(json.dumps({"train_batch_size": 999, "zero_optimization": {"stage": 3, "overlap_comm": True},
+    template.write_text(json.dumps({"train_batch_size": 999, "zero_optimization": {"stage": 3, "overlap_comm": True,
+                                                                                 "contiguous_gradients": False},
                                     "gradient_clipping": 7.0, "wall_clock_breakdown": True}))
     cfg = load_config(None, [f"zero.template={template}", "zero.stage=2", "train.global_batch_size=16",
-                             "train.micro_batch_size=2", "optim.clip_grad=0.5"])
+                             "train.micro_batch_size=2", "optim.clip_grad=0.5", "zero.reduce_bucket_size=1000"])
     ds = deepspeed_config(cfg.train, cfg.optim, cfg.zero, dp_size=4)
     assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 2
-    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}  # template fields we do not model stay
+    # Template fields we do not model stay; the overlap and bucket sizes are ours, so always recorded.
+    assert ds["zero_optimization"] == {"stage": 2, "contiguous_gradients": False, "overlap_comm": False,
+                                       "reduce_bucket_size": 1000, "allgather_bucket_size": 500_000_000}
     assert ds["gradient_clipping"] == 0.5 and ds["wall_clock_breakdown"] is True
     for name in ("zero1", "zero2", "zero3"):
         shipped = load_config(None, [f"zero.template={REPO / 'ds_configs' / (name + '.json')}"])

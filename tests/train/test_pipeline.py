@@ -65,13 +65,13 @@ def _train(data: TrainData, extra: list[str], callbacks=()) -> dict:
         val: list[float] = []
 
         def on_eval_end(self, trainer, step, result) -> None:
-            self.val = [*self.val, result["val_loss"]]
+            self.val = [*self.val, result["eval/loss"]]
 
     evals = Evals()
     history, run_dir = train(load_config(None, _overrides(data, extra)), [*callbacks, evals], log=lambda s: None)
     return {"val_loss": evals.val, "loss": [m.loss for m in history], "grad_norm": [m.grad_norm for m in history],
             "tev": [m.tev_mean for m in history if m.tev_mean is not None], "run_dir": str(run_dir),
-            "layers": [{k: v for k, v in m.extra.items() if "/" in k and not k.startswith("comm/")}
+            "layers": [{k: v for k, v in m.extra.items() if k.startswith(("stability/grad_norm/", "stability/param_norm/", "stability/resid_var/"))}
                        for m in history if m.step % 4 == 0],
             # step 7: neither TEV nor the diagnostics (every 4 steps) communicate in it
             "comm": {k: v for m in history if m.step == 7 for k, v in m.extra.items() if k.startswith("comm/")}}
@@ -167,7 +167,7 @@ def _check(run: dict, ref: dict, tol: float) -> None:
     assert len(run["val_loss"]) == len(ref["val_loss"]) == 1 and _rel(run["val_loss"][0], ref["val_loss"][0]) <= tol
     # Per-layer diagnostics under global layer numbers, every stage's layers, at steps 4 and 8.
     for got, want in zip(run["layers"], ref["layers"], strict=True):
-        assert set(got) == set(want) and any(k.startswith("resid_var/layer_04") for k in want)
+        assert set(got) == set(want) and any(k.startswith("stability/resid_var/layer_04") for k in want)
         bad = {k: (got[k], want[k]) for k in want if _rel(got[k], want[k]) > tol}
         assert not bad, bad
 
@@ -338,7 +338,7 @@ def test_sigusr1_to_one_stage_stops_every_rank_with_a_checkpoint(data: TrainData
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
     (mlrun,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
     assert mlrun.data.tags["layout"] == "tp1xpp2xdp1"
-    for key in ("loss", "tev_mean", "grad_norm"):
+    for key in ("train/loss", "tev/mean", "train/grad_norm"):
         got = {m.step: m.value for m in client.get_metric_history(mlrun.info.run_id, key)}
         assert got == {r["step"]: r[key] for r in steps(run)}, key
 

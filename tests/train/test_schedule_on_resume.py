@@ -19,8 +19,8 @@ COMMON = ["optim.lr=1e-3", "optim.warmup_steps=2", "optim.schedule=cosine", "opt
 
 
 def lrs(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["lr"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-            if "loss" in r}
+    return {r["step"]: r["train/lr"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "train/loss" in r}
 
 
 @pytest.fixture(scope="module")

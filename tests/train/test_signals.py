@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow  # every test here launches processes
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 150
-KEYS = ("loss", "lr", "grad_norm", "consumed_samples")
+KEYS = ("train/loss", "train/lr", "train/grad_norm", "train/consumed_samples")
 
 
 def launch(args: list[str], launcher: str = "torchrun") -> subprocess.Popen:

@@ -34,7 +34,9 @@ def _run(data: TrainData, name: str, extra: list[str], callbacks=()) -> dict:
     run_dir = Path(data.runs) / name
     cfg = load_config(None, [*BASE, *data.overrides(), f"run.dir={run_dir}", *extra])
     history, _ = train(cfg, callbacks, log=lambda s: None)
-    out = {m.step: {k: v for k, v in m.extra.items() if "/" in k or k.startswith("grad_var")} for m in history}
+    out = {m.step: {k: v for k, v in m.extra.items()
+                  if k.startswith(("stability/grad_norm/", "stability/param_norm/", "stability/resid_var/",
+                                   "stability/grad_var"))} for m in history}
     sidecar = torch.load(run_dir / "checkpoints" / "step00000004" / "sidecar.pt", weights_only=True)
     return {"extra": out, "states": sidecar["callbacks"]}
 
@@ -73,8 +75,9 @@ def one_process(data: TrainData) -> dict:
     grads = MicroGrads()
     out = _run(data, "tp1", ["zero.stage=0", "diagnostics.grad_variance_interval=2"], [grads])
     names = list(grads.current)
-    out["by_definition"] = {s: {"grad_var": _variance_by_definition(m, names),
-                                "grad_var_embedding": _variance_by_definition(m, ["embedding.word_embeddings.weight"])}
+    out["by_definition"] = {s: {"stability/grad_var": _variance_by_definition(m, names),
+                                "stability/grad_var_embedding": _variance_by_definition(
+                                    m, ["embedding.word_embeddings.weight"])}
                             for s, m in grads.by_step.items() if s % 2 == 0}
     out["micro_batches"] = {s: len(m) for s, m in grads.by_step.items()}
     out["subset"] = _run(data, "subset", ["zero.stage=0", "diagnostics.layers=[1]"])["extra"][2]
@@ -108,13 +111,13 @@ def test_grad_variance_is_its_definition(data: TrainData) -> None:
 @pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "dp2_zero3", "dp2_zero1", "tp2_recompute"])
 def test_diagnostics_match_one_process(layout: str, data: TrainData) -> None:
     (ref,) = dist_result(__name__, 1, "one_process", data=data)
-    expected_keys = {f"{kind}/{g}" for kind in ("grad_norm", "param_norm")
+    expected_keys = {f"stability/{kind}/{g}" for kind in ("grad_norm", "param_norm")
                      for g in ("embedding", "layer_00", "layer_01", "layer_02", "final_norm")}
-    expected_keys |= {f"resid_var/layer_{i:02d}" for i in range(4)}
+    expected_keys |= {f"stability/resid_var/layer_{i:02d}" for i in range(4)}
     assert set(ref["extra"][2]) >= expected_keys and not ref["extra"][1]
     for rank_out in dist_result(__name__, 2, "two_processes", data=data):
         run = rank_out[layout]["extra"]
-        keys = {s: {k: v for k, v in vals.items() if layout in ("tp2", "dp2_zero1") or not k.startswith("grad_var")}
+        keys = {s: {k: v for k, v in vals.items() if layout in ("tp2", "dp2_zero1") or not k.startswith("stability/grad_var")}
                 for s, vals in run.items()}
         assert set(keys[2]) >= expected_keys
         _close(run, ref["extra"], keys)
@@ -135,11 +138,11 @@ def test_grad_variance_is_refused_where_gradients_are_already_reduced() -> None:
 def test_a_layer_subset_reports_only_those_layers(data: TrainData) -> None:
     (ref,) = dist_result(__name__, 1, "one_process", data=data)
     keys = set(ref["subset"])
-    assert {"grad_norm/layer_01", "param_norm/layer_01", "grad_norm/embedding", "grad_norm/final_norm"} <= keys
-    assert not {"grad_norm/layer_00", "grad_norm/layer_02", "param_norm/layer_02"} & keys
-    # resid_var/layer_00 is the embedding's output; layer_02 is after layer index 1.
-    assert {k for k in keys if k.startswith("resid_var/")} == {"resid_var/layer_00", "resid_var/layer_02"}
-    assert ref["subset"]["grad_norm/layer_01"] == ref["extra"][2]["grad_norm/layer_01"]
+    assert {"stability/grad_norm/layer_01", "stability/param_norm/layer_01", "stability/grad_norm/embedding", "stability/grad_norm/final_norm"} <= keys
+    assert not {"stability/grad_norm/layer_00", "stability/grad_norm/layer_02", "stability/param_norm/layer_02"} & keys
+    # stability/resid_var/layer_00 is the embedding's output; layer_02 is after layer index 1.
+    assert {k for k in keys if k.startswith("stability/resid_var/")} == {"stability/resid_var/layer_00", "stability/resid_var/layer_02"}
+    assert ref["subset"]["stability/grad_norm/layer_01"] == ref["extra"][2]["stability/grad_norm/layer_01"]
 
 
 def test_spike_monitor_counts_tev_jumps_and_spikes() -> None:
@@ -157,6 +160,6 @@ def test_spike_monitor_counts_tev_jumps_and_spikes() -> None:
         trainer = SimpleNamespace(record_metric=recorded.__setitem__)
         monitor.on_step_end(trainer, SimpleNamespace(step=step, loss=loss, tev_mean=tev))
         extras.append(recorded)
-    assert extras[-1]["tev_jumps"] == 1 and extras[-1]["loss_spikes"] == 1
+    assert extras[-1]["tev/jumps"] == 1 and extras[-1]["stability/loss_spikes"] == 1
     assert any("TEV jump at step 5" in x for x in said) and any("loss spike at step 6" in x for x in said)
-    assert "loss_spike_score" not in extras[2] and extras[-1]["loss_spike_score"] > 6
+    assert "stability/loss_spike_score" not in extras[2] and extras[-1]["stability/loss_spike_score"] > 6

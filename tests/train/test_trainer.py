@@ -36,7 +36,7 @@ class UserMetric(Callback):
     def on_step_end(self, trainer, metrics) -> None:
         assert metrics.step == trainer.step
         self.seen["end"].append(trainer.step)
-        self.diagnostics_seen.append("resid_var/layer_00" in trainer.metrics)  # diagnostics run first
+        self.diagnostics_seen.append("stability/resid_var/layer_00" in trainer.metrics)  # diagnostics run first
         trainer.record_metric("user/answer", 40.0 + trainer.step)
         if trainer.step == self.stop_after:
             trainer.request_stop("the user callback has seen enough")
@@ -72,8 +72,8 @@ def test_a_user_callbacks_metric_reaches_metrics_jsonl_and_mlflow(tracked_run) -
     logged = {m.step: m.value for m in client.get_metric_history(run_id, "user/answer")}
     assert logged == {1: 41.0, 2: 42.0, 3: 43.0}
     # The same values in both: the writers get the step's metrics once, after every callback.
-    assert {m.step: m.value for m in client.get_metric_history(run_id, "resid_var/layer_01")} == {
-        r["step"]: r["resid_var/layer_01"] for r in rows}
+    assert {m.step: m.value for m in client.get_metric_history(run_id, "stability/resid_var/layer_01")} == {
+        r["step"]: r["stability/resid_var/layer_01"] for r in rows}
 
 
 def test_the_step_counter_is_the_step_being_made_and_a_stop_is_a_request(tracked_run) -> None:
