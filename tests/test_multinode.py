@@ -181,9 +181,13 @@ def tasks_of(job: str) -> dict[int, object]:
     for proc in psutil.process_iter():
         try:
             env, cmd = proc.environ(), " ".join(proc.cmdline())
+            parent = proc.parent()
+            parent_cmd = " ".join(parent.cmdline()) if parent is not None else ""
         except Exception:  # noqa: BLE001 - gone, or not ours to read
             continue
-        if env.get("SLURM_JOB_ID") == job and "launchers/train.py" in cmd:
+        # A task's DataLoader workers share its command line and environment: the task is the one
+        # whose parent is not a training process.
+        if env.get("SLURM_JOB_ID") == job and "launchers/train.py" in cmd and "launchers/train.py" not in parent_cmd:
             found[int(env["SLURM_PROCID"])] = proc
     return found
 

@@ -10,12 +10,18 @@ A jump in position (a resume, a rollback) closes the workers, and the next batch
 ones at the new position: a resumed run is served exactly what an uninterrupted one was.
 
 Workers ignore the preemption signals (Slurm signals every process of a step): the trainer
-decides when to stop, and the workers end with it.
+decides when to stop, and the workers end with it. They also die the moment their rank dies: a
+forked worker holds copies of its rank's sockets (gloo's connections, the rendezvous store's), so
+a worker that outlived a killed rank by PyTorch's 5-second parent check would keep the peers from
+seeing the connection close, and the run from naming the lost rank before Slurm's KillWait ends it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import itertools
+import os
 import signal
 from typing import Any
 
@@ -41,9 +47,18 @@ class _GlobalBatchesFrom(Dataset):
         return micro if self.as_tensors else [{k: v.numpy() for k, v in m.items()} for m in micro]
 
 
-def _quiet_worker(_: int) -> None:
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _worker_init(rank_pid: int, _: int) -> None:
     for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    except (OSError, AttributeError):  # not Linux: PyTorch's own parent check ends the worker
+        return
+    if os.getppid() != rank_pid:  # the rank died before the request took effect
+        os._exit(0)
 
 
 def _as_is(batch: Any) -> Any:
@@ -78,7 +93,7 @@ class PrefetchedBatches:
                             batch_size=None,
                             sampler=itertools.count(), num_workers=self.num_workers, collate_fn=_as_is,
                             prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory,
-                            worker_init_fn=_quiet_worker,
+                            worker_init_fn=functools.partial(_worker_init, os.getpid()),
                             # Its own generator: starting workers draws their base seed, which from
                             # torch's global one would shift dropout after a resume.
                             generator=torch.Generator().manual_seed(0))

@@ -42,6 +42,9 @@ class SystemMetrics(Callback):
         self.monitor: Any = None
         self._active = False
         self._last_try = -float("inf")
+        self._starter: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
         self.starts = 0
 
     def on_fit_start(self, trainer) -> None:
@@ -61,8 +64,11 @@ class SystemMetrics(Callback):
             self._ensure()
 
     def _ensure(self) -> None:
-        """A monitor running for the run, started when the run has an id and none runs."""
-        if not self._active:
+        """A monitor running for the run: started, off the step loop, when the run has an id and
+        neither a monitor nor a start is under way."""
+        if not self._active or self._closed:
+            return
+        if self._starter is not None and self._starter.is_alive():
             return
         if self.monitor is not None and self.monitor._process is not None and self.monitor._process.is_alive():
             return
@@ -72,20 +78,32 @@ class SystemMetrics(Callback):
             return
         self._last_try = now
         run_id = run_id_file.read_text().strip()
-        if not run_id:
-            return
+        if run_id:
+            # Making a monitor that resumes asks the server for the run: a server that is away
+            # would hold the step loop for MLflow's whole retry schedule.
+            self._starter = threading.Thread(target=self._start, args=(run_id,), name="system-metrics-start",
+                                             daemon=True)
+            self._starter.start()
+
+    def _start(self, run_id: str) -> None:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         try:
-            self.monitor = SystemMetricsMonitor(run_id, sampling_interval=self.interval_s, resume_logging=True,
-                                                node_id=self.node_id, tracking_uri=self.uri)
-            self.monitor.start()
-            self.starts += 1
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=self.interval_s, resume_logging=True,
+                                           node_id=self.node_id, tracking_uri=self.uri)
         except Exception:  # the server is away: the next try is an interval later
-            self.monitor = None
+            return
+        with self._lock:
+            if self._closed:
+                return
+            monitor.start()
+            self.monitor = monitor
+            self.starts += 1
 
     def on_fit_end(self, trainer) -> None:
-        monitor, self.monitor = self.monitor, None
+        with self._lock:
+            self._closed = True
+            monitor, self.monitor = self.monitor, None
         if monitor is None:
             return
         # finish() joins the sampler and flushes to the server; bounded, as the MLflow logger's flush.

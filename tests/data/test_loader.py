@@ -3,8 +3,11 @@ a rollback) serves the new position's batches, not what the workers had read ahe
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
+import socket
+import time
 from pathlib import Path
 
 import torch
@@ -73,3 +76,51 @@ def test_workers_ignore_the_preemption_signals(dist1: None, tmp_path: Path,  # n
         loader.close()
     plain = _plain(ds)
     assert [torch.equal(_tokens(b), _tokens(plain.next_global_batch())) for b in [first, *batches]] == [True] * 7
+
+
+def _rank_with_workers(ds, port: int, out) -> None:
+    """A rank: a connection to a peer (as gloo's), then loader workers forked with it, then idle."""
+    conn = socket.create_connection(("127.0.0.1", port))
+    loader = PrefetchedBatches(_plain(ds), num_workers=2)
+    loader.next_global_batch()
+    out.send([w.pid for w in loader._it._workers])
+    time.sleep(120)
+    conn.close()
+
+
+def test_a_killed_rank_takes_its_workers_and_its_connections_with_it(dist1: None, tmp_path: Path,  # noqa: F811
+                                                                     prefixes: list[str], tokenizer_dir: Path) -> None:
+    """Forked workers hold copies of their rank's sockets: while one lives, a peer of a SIGKILLed
+    rank sees no closed connection and cannot name the lost rank."""
+    import psutil
+
+    ds = build_datasets(data_cfg(prefixes, tmp_path), SEQ, load_tokenizer(tokenizer_dir), seed=3).train
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        ours, theirs = multiprocessing.Pipe()
+        rank = multiprocessing.get_context("fork").Process(target=_rank_with_workers,
+                                                           args=(ds, server.getsockname()[1], theirs))
+        rank.start()
+        peer, _ = server.accept()
+        try:
+            assert ours.poll(60), "the rank did not start its workers"
+            workers = ours.recv()
+            assert len(workers) == 2 and all(psutil.pid_exists(p) for p in workers)
+            os.kill(rank.pid, signal.SIGKILL)
+            peer.settimeout(2.0)
+            assert peer.recv(1) == b"", "the peer must see the killed rank's connection close at once"
+            deadline = time.monotonic() + 2.0
+            while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not any(_alive(p) for p in workers), "the workers outlived their rank"
+        finally:
+            peer.close()
+            rank.join(timeout=10)
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -84,7 +84,7 @@ def test_resumed_on_another_layout_continues_the_run(name: str, elastic_runs) ->
         for key in ("train/loss", "train/grad_norm"):
             assert _close(rb[key], ra[key]), f"{name} step {ra['step']}: {key} {rb[key]} vs {ra[key]}"
     sidecar = read_sidecar(find_checkpoint(run))
-    assert sidecar["step"] == STEPS and sidecar["consumed_samples"] == a[-1]["consumed_samples"]
+    assert sidecar["step"] == STEPS and sidecar["consumed_samples"] == a[-1]["train/consumed_samples"]
 
 
 @pytest.mark.parametrize("name", list(TARGETS))

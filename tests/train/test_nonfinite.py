@@ -116,7 +116,7 @@ def test_poisoned_step_is_skipped_on_every_rank(stage: str, data: TrainData) -> 
             assert run["loss"][:3] == clean["loss"][:3]  # same weights until the skip
         if rank == 0:
             assert any("step 3: non-finite loss or gradient on rank(s) 1" in line for line in run["lines"])
-            assert [r.get("skipped") for r in run["file"]] == [None, None, 1, None]
+            assert [r.get("train/skipped") for r in run["file"]] == [None, None, 1, None]
 
 
 def test_rollback_after_consecutive_skips_recovers(data: TrainData) -> None:

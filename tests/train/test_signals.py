@@ -73,7 +73,8 @@ def test_signal_saves_marks_and_the_resumed_run_matches(how: str, straight: Path
     wait_for_steps(run, 5, proc)
     if how.startswith("SIGUSR1"):
         # torchrun's agent does not forward USR1; Slurm's --signal=USR1 reaches each task. One is enough.
-        workers = psutil.Process(proc.pid).children(recursive=True)
+        # The agent's own children are the ranks (theirs are DataLoader workers, which ignore USR1).
+        workers = psutil.Process(proc.pid).children()
         os.kill(workers[-1].pid, signal.SIGUSR1)
     else:
         os.kill(proc.pid, signal.SIGTERM)  # the agent forwards TERM to its workers
