@@ -36,6 +36,16 @@ LAYOUTS = [  # (name, processes, overrides)
     ("DP2 ZeRO-2 reduce", 2, ["zero.stage=2", f"zero.template={REPO / 'ds_configs' / 'zero-reduce.json'}"]),
     ("DP2 ZeRO-3", 2, ["zero.stage=3"]),
     ("TP2 DP2 ZeRO-1", 4, ["parallel.tensor=2", "zero.stage=1"]),
+    # ZeRO-2 with two micro-batches per step: DeepSpeed's reduction in each backward (off) or
+    # once per step in its coalescing window (on; the default under sequence parallelism).
+    ("DP2 ZeRO-2 2 micro", 2, ["zero.stage=2", "train.micro_batch_size=2", "zero.coalesce_reduction=off"]),
+    ("DP2 ZeRO-2 2 micro coalesced", 2, ["zero.stage=2", "train.micro_batch_size=2", "zero.coalesce_reduction=on"]),
+    ("TP2 SP DP2 ZeRO-2 per micro", 4, ["parallel.tensor=2", "parallel.sequence_parallel=true", "zero.stage=2",
+                                        "train.micro_batch_size=2", "zero.coalesce_reduction=off"]),
+    ("TP2 SP DP2 ZeRO-2", 4, ["parallel.tensor=2", "parallel.sequence_parallel=true", "zero.stage=2",
+                              "train.micro_batch_size=2"]),
+    ("TP2 SP DP2 ZeRO-3", 4, ["parallel.tensor=2", "parallel.sequence_parallel=true", "zero.stage=3",
+                              "train.micro_batch_size=2"]),
     ("PP2", 2, ["parallel.pipeline=2", "zero.stage=1"]),
 ]
 

@@ -7,7 +7,8 @@ pipeline stages) and a recompute mode. For each, per GPU of the worst stage (byt
   weights, vocab-parallel embedding and output split by TP; norms, row-parallel biases and
   position embeddings whole; the last stage's copy of a tied matrix at PP > 1), divided by DP
   at ZeRO-3;
-- gradients: as many, in the parameters' dtype, divided by DP at ZeRO-2/3;
+- gradients: as many, in the parameters' dtype, divided by DP at ZeRO-2/3 (not where they are
+  reduced once per step in DeepSpeed's coalescing window, `zero.coalesce_reduction`: whole until then);
 - optimizer state: AdamW's two moments and DeepSpeed's fp32 master partition, 12 bytes per
   parameter divided by DP (ZeRO 1-3; a bf16 run at ZeRO-0 too, whose bf16 optimizer partitions
   the same way), 8 bytes per parameter unpartitioned at fp32 ZeRO-0 (torch's AdamW as is);
@@ -29,7 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mlra_mega.config import ConfigError, RunConfig, pipeline_split
+from mlra_mega.config import ConfigError, RunConfig, coalesced_reduction, pipeline_split
 
 __all__ = ["Layout", "Estimate", "stage_numel", "layer_activation_bytes", "activation_bytes", "estimate", "layouts", "plan", "format_plan"]
 
@@ -168,12 +169,14 @@ def estimate(cfg: RunConfig, layout: Layout) -> Estimate:
         layers, other = stage_numel(cfg, layout.tp, layout.pp, stage)
         n = layers + other
         params = pb * n / (layout.dp if layout.zero == 3 else 1)
-        grads = pb * n / (layout.dp if layout.zero >= 2 else 1)
+        sp = cfg.parallel.sequence_parallel and layout.tp > 1
+        # In DeepSpeed's coalescing window the gradients stay whole on each rank until the step's reduction.
+        partitioned = layout.zero >= 2 and not coalesced_reduction(cfg.zero.coalesce_reduction, layout.zero, sp)
+        grads = pb * n / (layout.dp if partitioned else 1)
         if layout.zero == 0 and t.precision != "bf16":
             optimizer = 8.0 * n
         else:
             optimizer = 12.0 * n / layout.dp
-        sp = cfg.parallel.sequence_parallel and layout.tp > 1
         acts = activation_bytes(cfg, layout.tp, layout.pp, stage, layout.recompute, sp) * _in_flight(
             layout.pp, stage, micro_batches)
         if layout.recompute == "full":  # one layer's activations while it is recomputed

@@ -81,6 +81,16 @@ def test_layouts_follow_the_framework_rules() -> None:
     z = {k: estimate(cfg, Layout(1, 1, 8, k, "none")) for k in (1, 2, 3)}
     assert z[1].params == z[2].params == 8 * z[3].params and z[1].grads == 8 * z[2].grads
     assert z[1].optimizer == z[3].optimizer
+    # Gradients reduced once per step (DeepSpeed's coalescing window) stay whole until then: by
+    # default under sequence parallelism, on request without it.
+    sp = load_config(None, [*SMALL, "parallel.tensor=2", "parallel.sequence_parallel=true"])
+    off = load_config(None, [*SMALL, "parallel.tensor=2", "parallel.sequence_parallel=true",
+                              "zero.coalesce_reduction=off"])
+    on = load_config(None, [*SMALL, "zero.coalesce_reduction=on"])
+    for stage in (2, 3):
+        lay = Layout(2, 1, 4, stage, "none")
+        assert estimate(sp, lay).grads == estimate(on, Layout(2, 1, 4, 1, "none")).grads
+        assert estimate(sp, lay).grads == 4 * estimate(off, lay).grads == estimate(on, lay).grads
 
 
 def test_plan_ranks_fitting_layouts_first() -> None:

@@ -28,7 +28,8 @@ tokens, activations A = T d bytes-per-element, on a stage of L layers:
   has them (float64s).
 - embedding: with tied embeddings over PP > 1, the word embedding's gradient all-reduced between
   the first and last stage.
-- mp (TP x PP): DeepSpeed's gradient norm and overflow flag at ZeRO 1-2 (two fp32 all-reduces).
+- mp (TP x PP): DeepSpeed's gradient norm and overflow flag at ZeRO 1-2 (two fp32 all-reduces);
+  at ZeRO-3 its gradient norm, summed in float64, twice.
 - world: the non-finite agreement's int32 per rank.
 """
 
@@ -138,6 +139,8 @@ def expected_step(cfg: RunConfig, *, tp: int, pp: int, dp: int, zero: int, param
 
     if tp * pp > 1 and zero in (1, 2):
         out["mp"] = Expected(2 * _ring(tp * pp, 4, all_reduce=True), 2)
+    elif tp * pp > 1 and zero == 3:  # ZeRO-3 sums its gradient norm over TP in float64, twice a step
+        out["mp"] = Expected(2 * _ring(tp * pp, 8, all_reduce=True), 2)
 
     world = tp * pp * dp
     if world > 1:

@@ -24,7 +24,7 @@ __all__ = [
     "ConfigError", "MLRAConfig", "ModelConfig", "ParallelConfig", "ZeroConfig", "OptimConfig", "TrainConfig",
     "DataConfig", "MetricsConfig", "EvalConfig", "DiagnosticsConfig", "CheckpointConfig", "FaultsConfig",
     "TrackingConfig", "ProfileConfig", "RunSection", "RunConfig", "check_tensor_parallel", "check_pipeline",
-    "pipeline_split", "check_choices", "check_run_inputs",
+    "pipeline_split", "coalesced_reduction", "check_choices", "check_run_inputs",
     "check_path_component", "describe_keys", "option", "key_of", "field_of",
 ]
 
@@ -234,6 +234,12 @@ class ZeroConfig:
     overlap_comm: bool = option(False, "DeepSpeed reduces gradient buckets while the backward goes on (ZeRO 1-3)")
     reduce_bucket_size: int = option(500_000_000, "elements per DeepSpeed gradient-reduction bucket")
     allgather_bucket_size: int = option(500_000_000, "elements per DeepSpeed parameter all-gather bucket (ZeRO 1-2)")
+    # ZeRO-2/3 reduce each gradient over DP in the backward that makes it (every micro-batch) and
+    # keep only their partition; coalesced, gradients stay whole on each rank until the step's one
+    # reduction (DeepSpeed's engine.coalesce_grad_reduction). auto: where sequence parallelism
+    # needs it (its partial gradients are summed over TP, in one call, before DP reduces them).
+    coalesce_reduction: Literal["auto", "on", "off"] = option(
+        "auto", "ZeRO-2/3: one DP gradient reduction per step (on), per micro-batch (off), on under sequence parallelism (auto)")
 
     def validate(self, prefix: str = "zero") -> None:
         if self.stage not in (0, 1, 2, 3):
@@ -643,6 +649,12 @@ def check_run_inputs(cfg: "RunConfig") -> None:
         from mlra_mega.lm_tasks import check_lm_eval
 
         check_lm_eval("eval.tasks")
+
+
+def coalesced_reduction(mode: str, stage: int, sequence_parallel: bool) -> bool:
+    """Whether ZeRO-2/3 reduce the gradients over DP once per step, in DeepSpeed's coalescing
+    window (`zero.coalesce_reduction`), holding them whole on each rank until then."""
+    return stage in (2, 3) and (mode == "on" or (mode == "auto" and sequence_parallel))
 
 
 def pipeline_split(num_layers: int, pipeline: int, first_last: list[int] | None) -> list[int]:

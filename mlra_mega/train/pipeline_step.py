@@ -46,12 +46,13 @@ __all__ = ["PipelineStep"]
 class PipelineStep(TrainStep):
     """`step(n, micro_batches, before_optimizer)` over this rank's pipeline stage."""
 
-    def __init__(self, engine: Any, ctx: ParallelContext, *, zero_stage: int, drill: NanDrill | None = None) -> None:
+    def __init__(self, engine: Any, ctx: ParallelContext, *, zero_stage: int, drill: NanDrill | None = None,
+                 coalesce_reduction: str = "auto") -> None:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         if zero_stage != 1:
             raise ValueError(f"a pipelined step needs ZeRO-1, not ZeRO-{zero_stage} (RunConfig.validate refuses it)")
-        super().__init__(engine, ctx, zero_stage=zero_stage, drill=drill)
+        super().__init__(engine, ctx, zero_stage=zero_stage, drill=drill, coalesce_reduction=coalesce_reduction)
         self._schedule = get_forward_backward_func()
         self._losses: list[torch.Tensor] = []
         self._tied = None

@@ -189,7 +189,8 @@ def _run(cfg: RunConfig, ctx: ParallelContext, engine, batches: PrefetchedBatche
     trainer = Trainer(ctx, engine, batches, train=cfg.train, optim=cfg.optim, model=cfg.model, metrics=cfg.metrics,
                       evaluation=cfg.eval, checkpointer=checkpointer, valid_dataset=data.valid,
                       callbacks=[*_callbacks(cfg, ctx, run_dir, rank_log, checkpointer, log), *callbacks],
-                      drill=drill_from(cfg.faults), log=log if ctx.is_main else lambda s: None)
+                      drill=drill_from(cfg.faults), coalesce_reduction=cfg.zero.coalesce_reduction,
+                      log=log if ctx.is_main else lambda s: None)
     if ckpt is not None:
         trainer.restore(ckpt)  # before anything is written: a refused checkpoint changes nothing
     if ctx.is_main:

@@ -6,11 +6,18 @@ replaces. For each step, in this order:
 1. `begin`: the non-finite sums are cleared; the NaN drill decides whether this step is poisoned.
 2. For every micro-batch of this rank: forward, the loss (mean over the unmasked tokens),
    `engine.backward`; as each parameter's gradient is computed its hooks run (below).
+   At ZeRO-2/3 with `zero.coalesce_reduction` on (by default: under sequence parallelism) the
+   micro-batches run inside DeepSpeed's `engine.coalesce_grad_reduction()`: gradients accumulate
+   whole on each rank and DeepSpeed reduces them over data parallelism once, when the window
+   closes after the last backward (off, ZeRO-2/3 reduce in every micro-batch's backward).
 3. After the last backward, before the last `engine.step()` (where DeepSpeed applies the update):
-   at ZeRO 0-1 in fp32, the sequence-parallel gradients, accumulated over the micro-batches, in
-   one flattened all-reduce over the tensor-parallel group, and then DeepSpeed's own reduction
-   over data parallelism (which the step, not `engine.backward`, starts: the partial sums must
-   be whole first); the gradient norm at ZeRO-0 (DeepSpeed keeps none there; the gradients are reduced by now),
+   where they can wait (fp32 at ZeRO 0-1, a coalesced window at ZeRO-2/3), the sequence-parallel
+   gradients, accumulated over the micro-batches, in one flattened all-reduce over the
+   tensor-parallel group, and then DeepSpeed's own reduction over data parallelism (which the
+   step, not `engine.backward`, starts at ZeRO 0-1, and the window's end at ZeRO-2/3: the partial
+   sums must be whole first); at ZeRO-2/3 in a window, then the micro-batches' earlier
+   `engine.step()` calls (counters only: DeepSpeed refuses them inside the window); the
+   gradient norm at ZeRO-0 (DeepSpeed keeps none there; the gradients are reduced by now),
    one all-reduce of a world-sized flag vector that tells every rank whether, and on which ranks,
    something was non-finite (if so, the update is dropped on every rank), then the caller's
    `before_optimizer()` (the callbacks' `on_before_optimizer_step`).
@@ -24,10 +31,10 @@ Hooks, all registered here, once, when the step object is made:
 - one tensor hook per trainable parameter, which runs, in order:
   a. for parameters marked `sequence_parallel` (norms, row-parallel biases), whose gradients are
      partial sums over each TP rank's slice of the sequence: nothing where the step reduces them
-     all at once (below); else (ZeRO-2/3, which reduce each gradient over data parallelism inside
-     DeepSpeed's own hooks as it is produced; bf16 at ZeRO-0, whose optimizer moves each
-     micro-batch's gradients to its own buffer; a gradient observer, which must see whole
-     gradients) their all-reduce over the tensor-parallel group, each on its own;
+     all at once (below); else (ZeRO-2/3 without a coalesced window, which reduce each gradient
+     over data parallelism inside DeepSpeed's own hooks as it is produced; bf16 at ZeRO-0, whose
+     optimizer moves each micro-batch's gradients to its own buffer; a gradient observer, which
+     must see whole gradients) their all-reduce over the tensor-parallel group, each on its own;
   b. the NaN drill's poison (the first parameter, the drill's rank, the drill's steps);
   c. the non-finite watch: the fresh gradient's sum is kept (a NaN or inf anywhere makes it
      non-finite; before DeepSpeed reduces or partitions, so the same at every ZeRO stage);
@@ -43,6 +50,7 @@ so registering them after `deepspeed.initialize` is safe.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +58,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mlra_mega.config import coalesced_reduction
 from mlra_mega.distributed import ParallelContext
 from mlra_mega.train.nonfinite import NanDrill
 
@@ -84,8 +93,10 @@ def tensor_parallel_grad_norm(model: torch.nn.Module, ctx: ParallelContext) -> f
 class TrainStep:
     """`step(n, micro_batches, before_optimizer)` makes step n; see the module docstring for the order."""
 
-    def __init__(self, engine: Any, ctx: ParallelContext, *, zero_stage: int, drill: NanDrill | None = None) -> None:
+    def __init__(self, engine: Any, ctx: ParallelContext, *, zero_stage: int, drill: NanDrill | None = None,
+                 coalesce_reduction: str = "auto") -> None:
         self.engine, self.ctx, self.zero_stage, self.drill = engine, ctx, zero_stage, drill
+        self.coalesce_reduction = coalesce_reduction
         self.model = engine.module
         self._observers: list[GradObserver] = []
         self._sums: list[torch.Tensor] = []
@@ -99,6 +110,7 @@ class TrainStep:
     def _register_hooks(self) -> None:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self._sp_params = [p for _, p in named if self.ctx.tp_size > 1 and getattr(p, "sequence_parallel", False)]
+        self.window = self._coalesced_window()
         self._coalesce(self._can_coalesce())
         for i, (name, p) in enumerate(named):
             reduce = any(p is q for q in self._sp_params)
@@ -106,18 +118,30 @@ class TrainStep:
             p.register_hook(self._grad_hook(name, p, reduce, poison))
         self.engine.basic_optimizer.register_step_pre_hook(self._drop_hook)
 
+    def _coalesced_window(self) -> bool:
+        """ZeRO-2/3's gradients reduced once per step, in DeepSpeed's coalescing window: where
+        asked (`zero.coalesce_reduction`: on, or auto under sequence parallelism) and DeepSpeed's
+        optimizer has the window (its ZeRO optimizer; not a pipeline engine)."""
+        optimizer = getattr(self.engine, "optimizer", None)
+        return (coalesced_reduction(self.coalesce_reduction, self.zero_stage, bool(self._sp_params))
+                and hasattr(self.engine, "coalesce_grad_reduction") and hasattr(optimizer, "_coalesce_grad_reduction"))
+
     def _can_coalesce(self) -> bool:
         """The sequence-parallel gradients can wait for one reduction per step where DeepSpeed
         reduces over data parallelism once per step, from `.grad` (ZeRO 0-1, not bf16's ZeRO-0
-        optimizer), and the pipeline's schedule or our loop starts that reduction."""
+        optimizer; ZeRO-2/3 in a coalescing window), and the pipeline's schedule, our loop or the
+        window's end starts that reduction."""
         bf16 = bool(getattr(self.engine, "bfloat16_enabled", lambda: False)())
-        return bool(self._sp_params) and self.zero_stage in (0, 1) and not (bf16 and self.zero_stage == 0)
+        if not self._sp_params:
+            return False
+        return self.window or (self.zero_stage in (0, 1) and not (bf16 and self.zero_stage == 0))
 
     def _coalesce(self, on: bool) -> None:
         self.coalesce_sp = on
-        # DeepSpeed's backward reduces over data parallelism at the step's last micro-batch; with
-        # the partial sums still to be made whole, the step starts that reduction itself.
-        self.engine.enable_backward_allreduce = not on
+        if self.zero_stage in (0, 1):
+            # DeepSpeed's backward reduces over data parallelism at the step's last micro-batch;
+            # with the partial sums still to be made whole, the step starts that reduction itself.
+            self.engine.enable_backward_allreduce = not on
 
     def reduce_sequence_parallel_grads(self) -> None:
         """The sequence-parallel parameters' accumulated gradients summed over the TP group, in
@@ -206,21 +230,27 @@ class TrainStep:
         engine = self.engine
         lr = float(engine.get_lr()[0])
         self._begin(step)
-        losses, own_norm, bad = [], None, ()
-        for i, batch in enumerate(micro_batches):
-            loss = self.loss(batch)
-            self._sums.append(loss.detach().float().sum())
-            engine.backward(loss)
-            if i == len(micro_batches) - 1:
-                if self.coalesce_sp:
-                    self.reduce_sequence_parallel_grads()
+        losses, own_norm = [], None
+        last = len(micro_batches) - 1
+        with engine.coalesce_grad_reduction() if self.window else contextlib.nullcontext():
+            for i, batch in enumerate(micro_batches):
+                loss = self.loss(batch)
+                self._sums.append(loss.detach().float().sum())
+                engine.backward(loss)
+                losses.append(loss)
+                if i < last and not self.window:
+                    engine.step()
+            if self.coalesce_sp:
+                self.reduce_sequence_parallel_grads()
+                if not self.window:
                     engine.allreduce_gradients()
-                if self.zero_stage == 0:
-                    own_norm = tensor_parallel_grad_norm(self.model, self.ctx)
-                bad = self._agree()
-                before_optimizer()
-            engine.step()
-            losses.append(loss)
+        for _ in range(last if self.window else 0):
+            engine.step()  # not a boundary: DeepSpeed counts the micro-batch, the reduction is done
+        if self.zero_stage == 0:
+            own_norm = tensor_parallel_grad_norm(self.model, self.ctx)
+        bad = self._agree()
+        before_optimizer()
+        engine.step()
         applied = engine.was_step_applied()
         if not applied and engine.lr_scheduler is not None:
             engine.lr_scheduler.step()  # DeepSpeed's overflow path does not advance the schedule

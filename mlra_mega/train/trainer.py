@@ -76,7 +76,7 @@ class Trainer:
                  optim: OptimConfig, model: ModelConfig, metrics: MetricsConfig, evaluation: EvalConfig,
                  checkpointer: Checkpointer | None = None, valid_dataset: Any | None = None,
                  callbacks: Sequence[Callback] = (), drill: NanDrill | None = None,
-                 log: Callable[[str], None] = print) -> None:
+                 coalesce_reduction: str = "auto", log: Callable[[str], None] = print) -> None:
         self.ctx, self.engine, self.batches = ctx, engine, train_batches
         self.model = engine.module
         self.train_cfg, self.optim_cfg, self.model_cfg = train, optim, model
@@ -88,7 +88,8 @@ class Trainer:
             dup = next(n for n in names if names.count(n) > 1)
             raise ValueError(f"two callbacks share the state name {dup!r}: give one of them another `name`")
         step_class = PipelineStep if ctx.pp_size > 1 else TrainStep
-        self.step_object = step_class(engine, ctx, zero_stage=self._zero_stage(engine), drill=drill)
+        self.step_object = step_class(engine, ctx, zero_stage=self._zero_stage(engine), drill=drill,
+                                      coalesce_reduction=coalesce_reduction)
         self.nonfinite = NonFiniteCounter(train.max_consecutive_skips)
         self.step = 0
         self.total_steps = train.steps
