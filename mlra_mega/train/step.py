@@ -110,21 +110,14 @@ class TrainStep:
     def _register_hooks(self) -> None:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self._sp_params = [p for _, p in named if self.ctx.tp_size > 1 and getattr(p, "sequence_parallel", False)]
-        self.window = self._coalesced_window()
+        # ZeRO-2/3's gradients reduced once per step, in DeepSpeed's coalescing window.
+        self.window = coalesced_reduction(self.coalesce_reduction, self.zero_stage, bool(self._sp_params))
         self._coalesce(self._can_coalesce())
         for i, (name, p) in enumerate(named):
             reduce = any(p is q for q in self._sp_params)
             poison = i == 0 and self._poison_left > 0
             p.register_hook(self._grad_hook(name, p, reduce, poison))
         self.engine.basic_optimizer.register_step_pre_hook(self._drop_hook)
-
-    def _coalesced_window(self) -> bool:
-        """ZeRO-2/3's gradients reduced once per step, in DeepSpeed's coalescing window: where
-        asked (`zero.coalesce_reduction`: on, or auto under sequence parallelism) and DeepSpeed's
-        optimizer has the window (its ZeRO optimizer; not a pipeline engine)."""
-        optimizer = getattr(self.engine, "optimizer", None)
-        return (coalesced_reduction(self.coalesce_reduction, self.zero_stage, bool(self._sp_params))
-                and hasattr(self.engine, "coalesce_grad_reduction") and hasattr(optimizer, "_coalesce_grad_reduction"))
 
     def _can_coalesce(self) -> bool:
         """The sequence-parallel gradients can wait for one reduction per step where DeepSpeed
