@@ -174,17 +174,47 @@ def run_worker(script: Path, nproc: int, args: Sequence[str], out: Path, timeout
 
 
 class StepClock:
-    """Wall time between consecutive step ends: the whole loop, data and callbacks included."""
+    """Wall time between consecutive step ends: the whole loop, data and callbacks included.
 
-    def __init__(self) -> None:
+    With `profile=(first, count)` torch's profiler records the steps first+1 .. first+count (from
+    the end of step `first` to the end of step first+count) on every thread; `operators()` then
+    gives its per-step operator table (self CPU time)."""
+
+    def __init__(self, profile: tuple[int, int] | None = None) -> None:
         self.last: float | None = None
         self.times: list[float] = []
+        self.profile = profile
+        self._prof: Any = None
+        self.profiled: list[dict[str, Any]] | None = None
 
     def tick(self) -> None:
         now = time.perf_counter()
         if self.last is not None:
             self.times.append(now - self.last)
         self.last = now
+        if self.profile is not None:
+            self._profile_tick(len(self.times) + 1)  # steps ended so far
+            self.last = time.perf_counter()  # the profiler's own start and stop are not a step's time
+
+    def _profile_tick(self, ended: int) -> None:
+        import torch
+
+        first, count = self.profile
+        if ended == first:
+            self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self._prof.start()
+        elif ended == first + count and self._prof is not None:
+            self._prof.stop()
+            self.profiled = operator_rows(self._prof, count)
+            self._prof = None
+
+
+def operator_rows(prof: Any, steps: int, top: int = 40) -> list[dict[str, Any]]:
+    """The profiler's operators by self CPU time, per step: name, ms per step, calls per step."""
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+             "calls_per_step": e.count / steps, "share": e.self_cpu_time_total / total} for e in events[:top]]
 
 
 def measure(contestants: dict[str, tuple[int, list[str]]], rounds: int, warmup: int, work: Path,

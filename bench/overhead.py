@@ -8,10 +8,12 @@ Hugging Face GPT-2 loop with torch AdamW, the same model size, side by side.
   difference to ours is what logging every step to MLflow costs.
 - ours-send-each: ours with `tracking.send_interval_s=0`, the behaviour before it existed (one
   MLflow log_batch per step from the sender thread, which took the GIL from the step loop).
-- bare: the same megatron-core GPTModel (built by `mlra_mega.model.build`) in
-  `deepspeed.initialize` with the same ZeRO stage, clipping and torch AdamW, reading the same
-  corpus through megatron-core's GPTDataset (`mlra_mega.data`), a loss `.item()` per step;
-  nothing from `mlra_mega.train` is imported. The reference: what our trainer adds to it.
+- bare: the same megatron-core GPTModel (built by `mlra_mega.model.build`) in the same DeepSpeed
+  engine (`mlra_mega.train.engine.build_engine`: DeepSpeed config, ZeRO stage, buckets, clipping,
+  torch AdamW with its parameter groups and kernel, the schedule), reading the same corpus through
+  megatron-core's GPTDataset (`mlra_mega.data`), a plain forward / backward / `engine.step()` loop
+  and a loss `.item()` per step; nothing else of `mlra_mega.train`. The reference: what our
+  loop adds to the stack, every library setting being equal.
 - bare-in-memory: the bare loop on random batches made up front (no data reading at all).
 - hf: transformers' GPT2LMHeadModel of the same width, depth, heads, FFN, vocabulary and sequence
   (SDPA attention), torch AdamW, clip_grad_norm_, gradient accumulation to the same batch.
@@ -42,12 +44,14 @@ EXTRA = {"ours": [], "ours-no-tracking": ["tracking.enabled=false"],
          "ours-send-each": ["tracking.send_interval_s=0"]}
 
 
-def _config(model: str, steps: int, run_dir: Path, extra: list[str]):
+def _config(model: str, steps: int, run_dir: Path, extra: list[str], layers: int | None = None):
     from mlra_mega.config import load_config
 
+    depth = [f"model.num_layers={layers}"] if layers else []
     return load_config(REPO / "configs" / "quickstart.yaml",
-                       [*model_overrides(model), "model.attention=mha", f"train.steps={steps}", "eval.interval=0",
-                        "train.log_interval=1000000", f"run.dir={run_dir}", f"run.root={run_dir.parent}", *extra])
+                       [*model_overrides(model), *depth, "model.attention=mha", f"train.steps={steps}",
+                        "eval.interval=0", "train.log_interval=1000000", f"run.dir={run_dir}",
+                        f"run.root={run_dir.parent}", *extra])
 
 
 def _resolved(cfg):
@@ -60,40 +64,34 @@ def _resolved(cfg):
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
 
 
-def worker_ours(model: str, steps: int, work: Path, extra: list[str]) -> list[float]:
+def worker_ours(model: str, steps: int, work: Path, extra: list[str], clock: StepClock,
+                layers: int | None) -> None:
     from mlra_mega.train.callbacks import Callback
     from mlra_mega.train.run import train
-
-    clock = StepClock()
 
     class Tick(Callback):
         def on_step_end(self, trainer, metrics) -> None:
             clock.tick()
 
-    train(_config(model, steps, work / "run", extra), [Tick()], log=lambda s: None)
-    return clock.times
+    train(_config(model, steps, work / "run", extra, layers), [Tick()], log=lambda s: None)
 
 
-def worker_bare(model: str, steps: int, work: Path, in_memory: bool) -> list[float]:
-    import deepspeed
+def worker_bare(model: str, steps: int, work: Path, in_memory: bool, clock: StepClock, layers: int | None) -> None:
     import torch
 
     from mlra_mega import distributed
     from mlra_mega.data.datasets import SampleOrder, TrainBatches, build_datasets
     from mlra_mega.data.tokenizer import load_tokenizer
     from mlra_mega.model.build import build_model
+    from mlra_mega.train.engine import build_engine
 
-    cfg = _resolved(_config(model, steps, work / "run", []))
+    cfg = _resolved(_config(model, steps, work / "run", [], layers))
     ctx = distributed.setup(cfg.parallel, cfg.train.seed)
     net = build_model(cfg.model, tensor_parallel=ctx.tp_size)
     t = cfg.train
-    ds_config = {"train_batch_size": t.global_batch_size, "train_micro_batch_size_per_gpu": t.micro_batch_size,
-                 "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * ctx.dp_size),
-                 "gradient_clipping": cfg.optim.clip_grad, "zero_optimization": {"stage": cfg.zero.stage},
-                 "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                            weight_decay=cfg.optim.weight_decay)
-    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, config=ds_config, dist_init_required=False)
+    # The very engine ours builds (DeepSpeed config, optimizer and its groups, schedule, mpu): the
+    # ratio measures the loop around it, not a difference of settings.
+    engine, ds_config = build_engine(net, ctx, cfg.train, cfg.optim, cfg.zero)
     accum = ds_config["gradient_accumulation_steps"]
     seq = cfg.model.seq_length
     positions = torch.arange(seq).unsqueeze(0).expand(t.micro_batch_size, seq)
@@ -108,7 +106,6 @@ def worker_bare(model: str, steps: int, work: Path, in_memory: bool) -> list[flo
                                global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
                                dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
         micro_batches = ([(b["tokens"], b["labels"]) for b in batches.next_global_batch()] for _ in range(steps))
-    clock = StepClock()
     for micro in micro_batches:
         for tokens, labels in micro:
             loss = engine(tokens, positions, None, labels=labels).float().mean()
@@ -117,14 +114,13 @@ def worker_bare(model: str, steps: int, work: Path, in_memory: bool) -> list[flo
         loss.item()
         clock.tick()
     distributed.teardown()
-    return clock.times
 
 
-def worker_hf(model: str, steps: int, work: Path) -> list[float]:
+def worker_hf(model: str, steps: int, work: Path, clock: StepClock, layers: int | None) -> None:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = _resolved(_config(model, steps, work / "run", []))
+    cfg = _resolved(_config(model, steps, work / "run", [], layers))
     m, t = cfg.model, cfg.train
     torch.manual_seed(cfg.train.seed)
     net = GPT2LMHeadModel(GPT2Config(
@@ -138,7 +134,6 @@ def worker_hf(model: str, steps: int, work: Path) -> list[float]:
     accum = t.global_batch_size // t.micro_batch_size
     gen = torch.Generator().manual_seed(0)
     data = torch.randint(0, m.vocab_size, (steps * accum, t.micro_batch_size, m.seq_length), generator=gen)
-    clock = StepClock()
     for step in range(steps):
         for i in range(accum):
             batch = data[step * accum + i]
@@ -149,40 +144,48 @@ def worker_hf(model: str, steps: int, work: Path) -> list[float]:
         opt.zero_grad(set_to_none=True)
         loss.item()
         clock.tick()
-    return clock.times
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="quickstart")
+    ap.add_argument("--layers", type=int, default=None, help="the model's depth instead of its own")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=10, help="steps of each repetition left out")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="instead of timing: one run of each contestant with torch's profiler over N steps "
+                         "after the warm-up; prints and writes the operator tables")
     ap.add_argument("--out", default=None, help="JSON file (default bench/results/overhead-MODEL.json)")
     ap.add_argument("--only", nargs="+", choices=CONTESTANTS, default=list(CONTESTANTS),
                     help="contestants to run (bare is always among them: it is the reference)")
     ap.add_argument("--worker", choices=CONTESTANTS, help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    name = args.model + (f"-{args.layers}l" if args.layers else "")
 
     if args.worker:
         work = Path(tempfile.mkdtemp(prefix=f"bench-{args.worker}-"))
+        clock = StepClock((args.warmup, args.profile) if args.profile else None)
         if args.worker in EXTRA:
-            times = worker_ours(args.model, args.steps, work, EXTRA[args.worker])
+            worker_ours(args.model, args.steps, work, EXTRA[args.worker], clock, args.layers)
         elif args.worker.startswith("bare"):
-            times = worker_bare(args.model, args.steps, work, in_memory=args.worker == "bare-in-memory")
+            worker_bare(args.model, args.steps, work, args.worker == "bare-in-memory", clock, args.layers)
         else:
-            times = worker_hf(args.model, args.steps, work)
-        Path(args.result).write_text(json.dumps({"step_times_s": times}))
+            worker_hf(args.model, args.steps, work, clock, args.layers)
+        Path(args.result).write_text(json.dumps({"step_times_s": clock.times, "operators": clock.profiled}))
         return 0
 
     model_overrides(args.model)  # data made once, before any timing
     work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     chosen = [c for c in CONTESTANTS if c in args.only or c == "bare"]
+    common = ["--model", args.model, "--warmup", str(args.warmup)] + (["--layers", str(args.layers)] if args.layers else [])
+    if args.profile:
+        return profile(args, chosen, common, work, name)
     per_round: dict[str, list[float]] = {c: [] for c in chosen}
     for r in range(args.rounds):
         for c in chosen:
-            res = run_worker(Path(__file__), 1, ["--worker", c, "--model", args.model, "--steps", str(args.steps)],
+            res = run_worker(Path(__file__), 1, ["--worker", c, "--steps", str(args.steps), *common],
                              work / f"{c}-{r}.json")
             per_round[c].append(steady(res["step_times_s"], args.warmup))
             print(f"[overhead] round {r + 1}/{args.rounds} {c}: {1e3 * per_round[c][-1]:.2f} ms/step", flush=True)
@@ -190,18 +193,41 @@ def main() -> int:
     bare = stats["bare"]["median"]
     # Each round's ratio to the bare loop of the same round: a slow spell hits both sides.
     paired = {c: spread([x / b for x, b in zip(v, per_round["bare"])]) for c, v in per_round.items()}
+    # The noise: how far one round's bare loop strays from the median of the bare loop.
+    noise = max(abs(x / bare - 1) for x in per_round["bare"])
     rows = [[c, 1e3 * s["median"], 1e3 * s["min"], 1e3 * s["max"], s["median"] / bare, paired[c]["median"],
              paired[c]["min"], paired[c]["max"]] for c, s in stats.items()]
     print(table(["contestant", "step ms", "min", "max", "x bare", "paired x bare", "min", "max"], rows,
-                title=f"framework overhead, model {args.model}, {args.rounds} rounds x {args.steps} steps "
+                title=f"framework overhead, model {name}, {args.rounds} rounds x {args.steps} steps "
                       f"(median after {args.warmup})"))
     ratio = paired["ours"]["median"] if "ours" in paired else None
     print(", ".join(f"{c} / bare = {s['median']:.3f}" for c, s in paired.items() if c != "bare")
-          + " (medians of the paired ratios; goal: ours <= 1.03)")
-    write_json(args.out or RESULTS / f"overhead-{args.model}.json",
-               {"model": args.model, "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
-                "per_round_s": per_round, "stats_s": stats, "paired_ratio_to_bare": paired,
-                "ours_over_bare": ratio, "goal": 1.03})
+          + f" (medians of the paired ratios; goal: ours <= 1.03); noise: the bare loop's rounds stray "
+            f"up to {100 * noise:.1f}% from its median")
+    write_json(args.out or RESULTS / f"overhead-{name}.json",
+               {"model": args.model, "layers": args.layers, "rounds": args.rounds, "steps": args.steps,
+                "warmup": args.warmup, "per_round_s": per_round, "stats_s": stats, "paired_ratio_to_bare": paired,
+                "bare_noise": noise, "ours_over_bare": ratio, "goal": 1.03})
+    return 0
+
+
+def profile(args: argparse.Namespace, chosen: list[str], common: list[str], work: Path, name: str) -> int:
+    """One run of each contestant with the profiler on; their operator tables, the top of each."""
+    steps = args.warmup + args.profile + 1
+    tables: dict[str, list[dict]] = {}
+    for c in chosen:
+        res = run_worker(Path(__file__), 1, ["--worker", c, "--steps", str(steps), "--profile", str(args.profile),
+                                             *common], work / f"{c}-profile.json")
+        tables[c] = res["operators"]
+        # times[k] is step k+2's (the first step has no start): steps warmup+1 .. warmup+N were profiled
+        step_ms = 1e3 * sum(res["step_times_s"][args.warmup - 1:args.warmup - 1 + args.profile]) / args.profile
+        rows = [[o["op"], o["self_ms_per_step"], o["calls_per_step"], 100 * o["share"]] for o in tables[c][:25]]
+        print(table(["operator", "self ms/step", "calls/step", "% of self"], rows,
+                    title=f"{c}: operators by self CPU time, model {name}, {args.profile} profiled steps "
+                          f"(~{step_ms:,.0f} ms/step under the profiler)"))
+    write_json(args.out or RESULTS / f"overhead-profile-{name}.json",
+               {"model": args.model, "layers": args.layers, "profiled_steps": args.profile, "warmup": args.warmup,
+                "operators": tables})
     return 0
 
 

@@ -62,6 +62,11 @@ class PipelineStep(TrainStep):
                 if is_tied_copy(self.model, name):
                     p.ds_pipe_replicated = True  # ZeRO's norm: the first stage counts the matrix
 
+    def _watch(self) -> str:
+        # The schedule's backward and the tied embeddings' reduction are ours, but the hooks keep
+        # the watch in one place for every stage's partial model.
+        return "hooks"
+
     # -- the schedule's callbacks ------------------------------------------------------------
 
     def _loss_func(self, mask: torch.Tensor, per_token: torch.Tensor):

@@ -11,11 +11,12 @@ replaces. For each step, in this order:
    whole on each rank and DeepSpeed reduces them over data parallelism once, when the window
    closes after the last backward (off, ZeRO-2/3 reduce in every micro-batch's backward).
 3. After the last backward, before the last `engine.step()` (where DeepSpeed applies the update):
-   where they can wait (fp32 at ZeRO 0-1, a coalesced window at ZeRO-2/3), the sequence-parallel
+   the "step" watch (below) on the accumulated gradients, before anything reduces them across
+   ranks; where they can wait (fp32 at ZeRO 0-1, a coalesced window at ZeRO-2/3), the sequence-parallel
    gradients, accumulated over the micro-batches, in one flattened all-reduce over the
    tensor-parallel group, and then DeepSpeed's own reduction over data parallelism (which the
-   step, not `engine.backward`, starts at ZeRO 0-1, and the window's end at ZeRO-2/3: the partial
-   sums must be whole first); at ZeRO-2/3 in a window, then the micro-batches' earlier
+   step, not `engine.backward`, starts at ZeRO 0-1 wherever the watch or the partial sums must
+   come first, and the window's end at ZeRO-2/3); at ZeRO-2/3 in a window, then the micro-batches' earlier
    `engine.step()` calls (counters only: DeepSpeed refuses them inside the window); the
    gradient norm at ZeRO-0 (DeepSpeed keeps none there; the gradients are reduced by now),
    one all-reduce of a world-sized flag vector that tells every rank whether, and on which ranks,
@@ -36,8 +37,9 @@ Hooks, all registered here, once, when the step object is made:
      optimizer moves each micro-batch's gradients to its own buffer; a gradient observer, which
      must see whole gradients) their all-reduce over the tensor-parallel group, each on its own;
   b. the NaN drill's poison (the first parameter, the drill's rank, the drill's steps);
-  c. the non-finite watch: the fresh gradient's sum is kept (a NaN or inf anywhere makes it
-     non-finite; before DeepSpeed reduces or partitions, so the same at every ZeRO stage);
+  c. the non-finite watch, where it must see each fresh gradient ("hooks": ZeRO-2/3, whose hooks
+     reduce it over data parallelism in the backward, and bf16 at ZeRO-0): its sum is kept (a NaN
+     or inf anywhere makes it non-finite);
   d. the gradient observers (`add_grad_observer`, e.g. the gradient-variance diagnostic, which
      needs every micro-batch's own gradient);
 - one pre-hook on the client optimizer that drops every gradient on a step found non-finite;
@@ -46,6 +48,14 @@ Hooks, all registered here, once, when the step object is made:
 
 Tensor hooks run before DeepSpeed's gradient accumulation hooks whatever the registration order,
 so registering them after `deepspeed.initialize` is safe.
+
+The non-finite watch reads each rank's own gradients as cheaply as the layout allows (`watch`):
+a sum per fresh gradient per micro-batch only where DeepSpeed reduces or moves gradients inside
+the backward ("hooks"); a sum per accumulated gradient once per step where the step starts the
+reduction ("step", ZeRO 0-1); nothing at all on one process in fp32 ("norm"), where the gradient
+norm the step computes anyway is that rank's own: a NaN or inf in any gradient makes it
+non-finite, DeepSpeed's ZeRO 1-3 then skip the update themselves (at ZeRO-0 the step drops it),
+and the log names rank 0. The micro-batch losses are watched everywhere (a scalar each).
 """
 
 from __future__ import annotations
@@ -103,12 +113,30 @@ class TrainStep:
         self._drop = False
         self._poison = False
         self._poison_left = drill.count if drill is not None and drill.rank == ctx.rank else 0
+        self.bf16 = bool(getattr(engine, "bfloat16_enabled", lambda: False)())
+        self.watch = self._watch()
         self._register_hooks()
+
+    def _watch(self) -> str:
+        """Where the non-finite watch reads this rank's gradients (module docstring, c.):
+        "norm": one rank in fp32: the step's gradient norm is this rank's own and decides alone
+        (DeepSpeed's ZeRO 1-3 skip an update whose norm is not finite; at ZeRO-0 the step's own
+        norm comes before the update); "step": once per step, the gradients accumulated in `.grad`,
+        before anything reduces them across ranks (ZeRO 0-1, where the step starts DeepSpeed's
+        data-parallel reduction); "hooks": every fresh gradient, before DeepSpeed's hooks reduce
+        it over data parallelism in the backward (ZeRO-2/3) or move it to the bf16 optimizer's
+        buffer (bf16 at ZeRO-0)."""
+        if self.ctx.world_size == 1 and not self.bf16:
+            return "norm"
+        if self.zero_stage == 1 or (self.zero_stage == 0 and not self.bf16):
+            return "step"
+        return "hooks"
 
     # -- hooks -------------------------------------------------------------------------------
 
     def _register_hooks(self) -> None:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self._params = [p for _, p in named]
         self._sp_params = [p for _, p in named if self.ctx.tp_size > 1 and getattr(p, "sequence_parallel", False)]
         # ZeRO-2/3's gradients reduced once per step, in DeepSpeed's coalescing window.
         self.window = coalesced_reduction(self.coalesce_reduction, self.zero_stage, bool(self._sp_params))
@@ -131,10 +159,12 @@ class TrainStep:
 
     def _coalesce(self, on: bool) -> None:
         self.coalesce_sp = on
+        # DeepSpeed's backward reduces over data parallelism at the step's last micro-batch (ZeRO
+        # 0-1); with the partial sums still to be made whole, or the gradients still to be watched,
+        # the step starts that reduction itself.
+        self.owns_reduction = self.zero_stage in (0, 1) and (on or self.watch == "step")
         if self.zero_stage in (0, 1):
-            # DeepSpeed's backward reduces over data parallelism at the step's last micro-batch;
-            # with the partial sums still to be made whole, the step starts that reduction itself.
-            self.engine.enable_backward_allreduce = not on
+            self.engine.enable_backward_allreduce = not self.owns_reduction
 
     def reduce_sequence_parallel_grads(self) -> None:
         """The sequence-parallel parameters' accumulated gradients summed over the TP group, in
@@ -154,7 +184,8 @@ class TrainStep:
                 dist.all_reduce(grad, group=self.ctx.tp_group)
             if poison and self._poison:  # b.
                 grad = grad * float("nan")
-            self._sums.append(grad.detach().sum(dtype=torch.float32))  # c.
+            if self.watch == "hooks":  # c.
+                self._sums.append(grad.detach().sum(dtype=torch.float32))
             for observe in self._observers:  # d.
                 observe(name, p, grad)
             return grad
@@ -206,6 +237,13 @@ class TrainStep:
             self._poison = started or step == self.drill.step
             self._poison_left -= self._poison
 
+    def _watch_accumulated(self) -> None:
+        """The "step" watch: one sum per accumulated gradient (a NaN or inf anywhere in any
+        micro-batch's gradient stays in the accumulated one), before any reduction across ranks."""
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if grads:
+            self._sums.append(torch.stack([g.detach().sum(dtype=torch.float32) for g in grads]).sum())
+
     def _agree(self) -> tuple[int, ...]:
         """One all-reduce: the ranks on which the step is non-finite; if any, the update is dropped."""
         flags = torch.zeros(self.ctx.world_size, dtype=torch.int32, device=self.ctx.device)
@@ -233,14 +271,18 @@ class TrainStep:
                 losses.append(loss)
                 if i < last and not self.window:
                     engine.step()
+            if self.watch == "step":
+                self._watch_accumulated()
             if self.coalesce_sp:
                 self.reduce_sequence_parallel_grads()
-                if not self.window:
-                    engine.allreduce_gradients()
+            if self.owns_reduction:
+                engine.allreduce_gradients()
         for _ in range(last if self.window else 0):
             engine.step()  # not a boundary: DeepSpeed counts the micro-batch, the reduction is done
         if self.zero_stage == 0:
             own_norm = tensor_parallel_grad_norm(self.model, self.ctx)
+            if self.watch == "norm":
+                self._sums.append(torch.tensor(own_norm))
         bad = self._agree()
         before_optimizer()
         engine.step()
@@ -248,6 +290,8 @@ class TrainStep:
         if not applied and engine.lr_scheduler is not None:
             engine.lr_scheduler.step()  # DeepSpeed's overflow path does not advance the schedule
         skipped = self._drop or not applied
+        if self.watch == "norm" and not applied:
+            bad = (self.ctx.rank,)  # fp32: DeepSpeed skips only a step whose norm is not finite
         self._drop = self._poison = False
         norm = engine.get_global_grad_norm()
         if norm is None:

@@ -1,5 +1,5 @@
-"""The benchmark helpers: statistics, the depth fit, the table, and the per-rank memory
-accounting of bench/trainer_worker.py against what ZeRO must do at DP = 2."""
+"""The benchmark helpers: statistics, the depth fit, the table, the step clock's profile, and the
+per-rank memory accounting of bench/trainer_worker.py against what ZeRO must do at DP = 2."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.common import spread, steady, table
+from bench.common import StepClock, spread, steady, table
 from bench.depth import linear_fit
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,3 +66,19 @@ def test_per_rank_bytes_follow_the_zero_stage(tmp_path: Path, tokenizer_dir: Pat
         assert z1["ranks"][rank]["optimizer_param_copy_bytes"] == pytest.approx(2 * n, rel=1e-3)
         assert z3["ranks"][rank]["param_bytes"] == pytest.approx(2 * n, rel=1e-3)
         assert z3["ranks"][rank]["optimizer_state_bytes"] == pytest.approx(4 * n, rel=1e-3)
+
+
+def test_step_clock_profiles_exactly_the_chosen_steps() -> None:
+    """Steps 3 and 4 profiled (after step 2's end, to step 4's): one 64x64 matmul in step 3 and two
+    in step 4 are 1.5 calls a step; step 5's matmul is outside the profile."""
+    import torch
+
+    clock = StepClock(profile=(2, 2))
+    x = torch.ones(64, 64)
+    for matmuls in (0, 0, 1, 2, 1):
+        for _ in range(matmuls):
+            x @ x
+        clock.tick()
+    rows = {r["op"]: r for r in clock.profiled}
+    assert rows["aten::mm"]["calls_per_step"] == 1.5
+    assert len(clock.times) == 4 and clock._prof is None

@@ -52,6 +52,7 @@ class _Params(Callback):
 
     def on_step_end(self, trainer, metrics) -> None:
         self.by_step[metrics.step] = model_shard(trainer.engine)
+        self.watch = trainer.step_object.watch
 
 
 @dist_case(2)
@@ -66,7 +67,7 @@ def skip_at_every_stage(data: TrainData) -> dict:
                      "moved_by_4": any(not torch.equal(p3[k], p4[k]) for k in p3),
                      "skipped": [m.skipped for m in history], "skipped_steps": [m.skipped_steps for m in history],
                      "lr": [m.lr for m in history], "loss": [m.loss for m in history],
-                     "grad_norm_3": history[2].grad_norm, "lines": lines,
+                     "grad_norm_3": history[2].grad_norm, "lines": lines, "watch": params.watch,
                      "file": [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]}
     return out
 
@@ -106,6 +107,7 @@ def test_poisoned_step_is_skipped_on_every_rank(stage: str, data: TrainData) -> 
     (clean, _) = dist_result(__name__, 2, "clean_reference", data=data)
     for rank, runs in enumerate(dist_result(__name__, 2, "skip_at_every_stage", data=data)):
         run = runs[stage]
+        assert run["watch"] == {"zero2": "hooks", "zero3": "hooks"}.get(stage, "step")
         assert run["unchanged_by_3"], "the skipped step changed the parameters"
         assert run["moved_by_4"], "training did not go on after the skipped step"
         assert run["skipped"] == [None, None, 1, None] and run["skipped_steps"] == [0, 0, 1, 1]
@@ -117,6 +119,28 @@ def test_poisoned_step_is_skipped_on_every_rank(stage: str, data: TrainData) -> 
         if rank == 0:
             assert any("step 3: non-finite loss or gradient on rank(s) 1" in line for line in run["lines"])
             assert [r.get("train/skipped") for r in run["file"]] == [None, None, 1, None]
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_one_rank_skips_a_poisoned_step_by_the_gradient_norm(stage: str, data: TrainData) -> None:
+    """One process in fp32 reads no gradient itself: the step's norm decides (DeepSpeed's skip at
+    ZeRO 1-3, the step's own norm at ZeRO-0); bf16 sums its accumulated gradients once per step.
+    Either way the update is skipped, the schedule goes on and the log names rank 0."""
+    from mlra_mega.train.run import train
+
+    params = _Params()
+    lines: list[str] = []
+    cfg = load_config(None, [*BASE, *data.overrides(), f"run.dir={Path(data.runs) / ('one-' + stage)}",
+                             *STAGES[stage], "train.steps=4", "faults.inject_nan_step=3", "faults.inject_nan_rank=0"])
+    history, _ = train(cfg, [params], log=lines.append)
+    p2, p3, p4 = (params.by_step[s] for s in (2, 3, 4))
+    assert all(torch.equal(p2[k], p3[k]) for k in p2), "the skipped step changed the parameters"
+    assert any(not torch.equal(p3[k], p4[k]) for k in p3), "training did not go on after the skipped step"
+    assert [m.skipped for m in history] == [None, None, 1, None]
+    assert not torch.isfinite(torch.tensor(history[2].grad_norm))
+    assert all(torch.isfinite(torch.tensor([m.loss for m in history])))
+    assert any("step 3: non-finite loss or gradient on rank(s) 0;" in line for line in lines), lines
+    assert params.watch == ("step" if "bf16" in stage else "norm")
 
 
 def test_rollback_after_consecutive_skips_recovers(data: TrainData) -> None:
