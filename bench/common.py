@@ -79,6 +79,25 @@ def spread(values: Sequence[float]) -> dict[str, float]:
             "range_pct": 100.0 * (values[-1] - values[0]) / med if med else 0.0}
 
 
+def median_interval(values: Sequence[float], confidence: float = 0.9) -> dict[str, float]:
+    """A distribution-free interval for the median of repeated measurements: the k-th smallest
+    and k-th largest value, with k the largest such that the median lies between them with at
+    least `confidence` (binomial order statistics); with too few values, the whole range and its
+    actual coverage (1 - 2 / 2^n)."""
+    import math
+
+    xs = sorted(values)
+    n = len(xs)
+
+    def coverage(k: int) -> float:  # P(x_(k) <= median <= x_(n+1-k))
+        return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(k)) / 2.0**n
+
+    k = 1
+    while k + 1 <= n // 2 and coverage(k + 1) >= confidence:
+        k += 1
+    return {"median": statistics.median(xs), "low": xs[k - 1], "high": xs[n - k], "coverage": coverage(k)}
+
+
 def steady(times: Sequence[float], warmup: int) -> float:
     """Median of one repetition's step times after its warm-up steps."""
     if len(times) <= warmup:

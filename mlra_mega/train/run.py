@@ -202,6 +202,10 @@ def _run(cfg: RunConfig, ctx: ParallelContext, engine, batches: PrefetchedBatche
             + (f"; resuming {ckpt.path} at step {sidecar['step']}" if ckpt else ""))
         if ckpt is not None:
             _record_config_changes(cfg, sidecar, run_dir, log)
+        if cfg.zero.stage >= 1 and ctx.dp_size == 1 and ctx.pp_size == 1:
+            log(f"[train] note: ZeRO-{cfg.zero.stage} over one data-parallel rank shards nothing and costs DeepSpeed's "
+                "flat copies (1.2x the step at GPT-2 small width on CPU, docs/performance.md section 11); "
+                "zero.stage=0 is faster until the run has several data-parallel ranks")
         (run_dir / PREEMPTED).unlink(missing_ok=True)  # this job goes on from where that one stopped
     previous = install_handlers()
     try:

@@ -82,3 +82,12 @@ def test_step_clock_profiles_exactly_the_chosen_steps() -> None:
     rows = {r["op"]: r for r in clock.profiled}
     assert rows["aten::mm"]["calls_per_step"] == 1.5
     assert len(clock.times) == 4 and clock._prof is None
+
+
+def test_median_interval_takes_the_order_statistics_of_its_coverage() -> None:
+    from bench.common import median_interval
+
+    eight = median_interval([8, 1, 7, 2, 6, 3, 5, 4])  # k = 2: 1 - 2 * 9/256 = 0.9297 >= 0.9; k = 3: 0.71
+    assert (eight["low"], eight["high"]) == (2, 7) and abs(eight["coverage"] - (1 - 18 / 256)) < 1e-12
+    three = median_interval([3, 1, 2])  # too few for 90%: the range, with its 75%
+    assert (three["low"], three["high"], three["coverage"]) == (1, 3, 0.75)

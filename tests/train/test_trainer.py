@@ -81,6 +81,8 @@ def test_the_step_counter_is_the_step_being_made_and_a_stop_is_a_request(tracked
     assert user.seen == {"start": [1, 2, 3], "before_optimizer": [1, 2, 3], "end": [1, 2, 3]}
     assert [m.step for m in history] == [1, 2, 3]
     assert any("the user callback has seen enough" in s for s in said)
+    # ZeRO-1 (the default) on one process: the trainer says what it costs and what to pick.
+    assert any("ZeRO-1 over one data-parallel rank" in s and "zero.stage=0" in s for s in said)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["final"]["user/answer"] == 43.0
     # A stop is not a failure: the checkpoint of the stop step is the last one (train.steps not reached).
