@@ -433,6 +433,11 @@ class MLflowLogger(Callback):
                 replayed = []
                 self.sent += _send(self._client, self.run_id, batch, check_server=self._uncertain)
                 with self._lock:
+                    if self._stop.is_set():
+                        # The run ended while this send was under way: the final flush has put the
+                        # batch on disk, and the buffer is sync-tracking's now (which sends only
+                        # what the server lacks), not this thread's to rewrite or delete.
+                        return
                     del self._pending[:len(batch)]
                     self._uncertain = bool(self._pending) and self._uncertain
                     if failures or self.buffer.exists():

@@ -245,6 +245,46 @@ def test_the_final_flush_keeps_records_the_sender_has_in_hand(tmp_path: Path) ->
     assert buffered == list(range(1, 401))
 
 
+class _StuckThenAnswers:
+    """An MlflowClient whose first request hangs until released (a server that went away
+    mid-request), then succeeds."""
+
+    def __init__(self) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.batches: list[list] = []
+
+    def log_batch(self, run_id, metrics=(), **kwargs) -> None:
+        self.entered.set()
+        self.release.wait(30)
+        self.batches.append(list(metrics))
+
+
+def test_a_send_that_outlives_the_final_flush_leaves_the_buffer_to_sync(tmp_path: Path) -> None:
+    """The final flush gives up on a send under way and writes the buffer; when that send returns
+    later (the server came back), the sender must leave the buffer alone: it belongs to
+    sync-tracking then, which may be reading it (it once deleted it under a running sync)."""
+    from types import SimpleNamespace
+
+    cfg = load_config(overrides=["train.steps=5", "tracking.final_flush_s=0.3"])
+    logger, client = _logger(cfg, tmp_path), _StuckThenAnswers()
+    logger._client, logger.run_id = client, "run"
+    trainer = SimpleNamespace(step=0, total_steps=cfg.train.steps,
+                              ctx=SimpleNamespace(is_main=True, tp_size=1, pp_size=1, dp_size=1, world_size=1))
+    logger.on_fit_start(trainer)
+    for step in range(1, 6):
+        trainer.step = step
+        logger.on_metrics(trainer, step, {"step": step, "train/loss": 1.0})
+    assert client.entered.wait(10), "the sender never sent"
+    sender = logger._thread
+    logger.on_fit_end(trainer)
+    buffer = tmp_path / "mlflow-buffer.jsonl"
+    written = buffer.read_text()
+    client.release.set()
+    sender.join(10)
+    assert not sender.is_alive() and client.batches, "the stuck send did return"
+    assert buffer.read_text() == written, "the sender touched the buffer after the final flush"
+
+
 class _Recorder:
     """An MlflowClient that answers at once and records the batches it is sent."""
 
