@@ -268,7 +268,7 @@ class OptimConfig:
     # torch's fused AdamW kernel (CUDA, and CPU): one pass over each tensor, no DeepSpeed op built.
     # On by default: over ZeRO's 67M-element flat partition of gpt2-small-4l on 2 CPU threads it
     # takes 47 ms a step against 290 ms for the single-tensor loop and 230 ms for foreach
-    # (docs/performance.md section 11); it rounds differently (the losses of 8 steps within 1e-5).
+    # (docs/performance.md section 11); it rounds differently (the losses of 8 steps within 2e-6, bench/losses.py).
     fused: bool = option(True, "torch's fused AdamW kernel (false: torch's default, foreach on GPUs)")
 
     def validate(self, prefix: str = "optim") -> None:

@@ -152,10 +152,9 @@ class TrainStep:
         reduces over data parallelism once per step, from `.grad` (ZeRO 0-1, not bf16's ZeRO-0
         optimizer; ZeRO-2/3 in a coalescing window), and the pipeline's schedule, our loop or the
         window's end starts that reduction."""
-        bf16 = bool(getattr(self.engine, "bfloat16_enabled", lambda: False)())
         if not self._sp_params:
             return False
-        return self.window or (self.zero_stage in (0, 1) and not (bf16 and self.zero_stage == 0))
+        return self.window or (self.zero_stage in (0, 1) and not (self.bf16 and self.zero_stage == 0))
 
     def _coalesce(self, on: bool) -> None:
         self.coalesce_sp = on

@@ -225,16 +225,21 @@ class _Unreachable:
         raise ConnectionError("refused")
 
 
+def _one_process_trainer(cfg):
+    """The little of a trainer the logger reads: its step, the run's length, one main process."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(step=0, total_steps=cfg.train.steps,
+                           ctx=SimpleNamespace(is_main=True, tp_size=1, pp_size=1, dp_size=1, world_size=1))
+
+
 def test_the_final_flush_keeps_records_the_sender_has_in_hand(tmp_path: Path) -> None:
     """While the server is away the sender keeps taking records off the queue (its retry wait);
     the final flush must put those on disk too, before on_fit_end returns (a process may exit then)."""
-    from types import SimpleNamespace
-
     cfg = load_config(overrides=["train.steps=400", "tracking.final_flush_s=0.3"])
     logger = _logger(cfg, tmp_path)
     logger._client, logger.run_id = _Unreachable(), "run"
-    trainer = SimpleNamespace(step=0, total_steps=cfg.train.steps,
-                              ctx=SimpleNamespace(is_main=True, tp_size=1, pp_size=1, dp_size=1, world_size=1))
+    trainer = _one_process_trainer(cfg)
     logger.on_fit_start(trainer)
     for step in range(1, 401):
         trainer.step = step
@@ -263,13 +268,10 @@ def test_a_send_that_outlives_the_final_flush_leaves_the_buffer_to_sync(tmp_path
     """The final flush gives up on a send under way and writes the buffer; when that send returns
     later (the server came back), the sender must leave the buffer alone: it belongs to
     sync-tracking then, which may be reading it (it once deleted it under a running sync)."""
-    from types import SimpleNamespace
-
     cfg = load_config(overrides=["train.steps=5", "tracking.final_flush_s=0.3"])
     logger, client = _logger(cfg, tmp_path), _StuckThenAnswers()
     logger._client, logger.run_id = client, "run"
-    trainer = SimpleNamespace(step=0, total_steps=cfg.train.steps,
-                              ctx=SimpleNamespace(is_main=True, tp_size=1, pp_size=1, dp_size=1, world_size=1))
+    trainer = _one_process_trainer(cfg)
     logger.on_fit_start(trainer)
     for step in range(1, 6):
         trainer.step = step
@@ -306,13 +308,10 @@ class _Recorder:
 def test_records_go_out_in_one_batch_per_send_interval(tmp_path: Path, interval: float) -> None:
     """Each send costs the step loop CPU: with an interval, one batch per interval (and one at the
     end, which does not wait for the interval); every point is sent once either way."""
-    from types import SimpleNamespace
-
     cfg = load_config(overrides=["train.steps=100", f"tracking.send_interval_s={interval}"])
     logger, client = _logger(cfg, tmp_path), _Recorder()
     logger._client, logger.run_id = client, "run"
-    trainer = SimpleNamespace(step=0, total_steps=cfg.train.steps,
-                              ctx=SimpleNamespace(is_main=True, tp_size=1, pp_size=1, dp_size=1, world_size=1))
+    trainer = _one_process_trainer(cfg)
     logger.on_fit_start(trainer)
     start = time.monotonic()
     for step in range(1, 101):
